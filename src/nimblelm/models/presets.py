@@ -1,0 +1,37 @@
+"""Named model presets. Every architecture comes in two sizes:
+
+* ``<name>-tiny``: a few hundred thousand parameters, for tests;
+* ``<name>-small``: about 15M parameters (vocab 8192), for training on this machine.
+
+The mixer library adds its own entries through :func:`register_architecture`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+TINY = dict(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+            intermediate_size=128, max_seq_len=512, num_experts=4, experts_top_k=2)
+SMALL = dict(vocab_size=8192, hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=2,
+             intermediate_size=1024, max_seq_len=2048, num_experts=8, experts_top_k=2)
+
+PRESETS: dict[str, dict[str, Any]] = {}
+
+
+def register_architecture(name: str, tiny: dict[str, Any] | None = None,
+                          small: dict[str, Any] | None = None, **common: Any) -> None:
+    """Add ``name-tiny`` and ``name-small`` presets: the base sizes, then ``common``, then the
+    size-specific overrides."""
+    PRESETS[f"{name}-tiny"] = {**TINY, **common, **(tiny or {})}
+    PRESETS[f"{name}-small"] = {**SMALL, **common, **(small or {})}
+
+
+register_architecture("attention", mixer_pattern=["attention"], ffn_pattern=["swiglu"])
+register_architecture("gated-attention", mixer_pattern=["attention"], ffn_pattern=["swiglu"],
+                      attn_output_gate=True)
+register_architecture("local-attention", mixer_pattern=["local_attention"], ffn_pattern=["swiglu"],
+                      tiny=dict(sliding_window=8), small=dict(sliding_window=256))
+register_architecture("moe", mixer_pattern=["attention"], ffn_pattern=["swiglu", "moe"],
+                      tiny=dict(num_layers=4), small=dict(num_layers=6, intermediate_size=768))
+register_architecture("mlp-attention", mixer_pattern=["attention"], ffn_pattern=["mlp"],
+                      tie_embeddings=False, num_kv_heads=None)
