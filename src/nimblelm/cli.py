@@ -1,0 +1,127 @@
+"""The ``nimblelm`` command line. User errors print one line ``nimblelm: error: ...`` and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from . import __version__
+from .errors import NimbleError
+
+BENCH_SUITES = {"decode": "nimblelm.bench.decode"}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nimblelm", description="Efficient language models and lossless speculative decoding.")
+    parser.add_argument("--version", action="version", version=f"nimblelm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a continuation of a prompt")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="DIR", help="checkpoint directory written by model.save()")
+    source.add_argument("--preset", metavar="NAME", help="a randomly initialised model of a named preset")
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", metavar="TEXT", help="prompt text (UTF-8 bytes as ids when the model has no tokenizer)")
+    prompt.add_argument("--prompt-ids", metavar="IDS", help="comma- or space-separated token ids")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--strategy", default="autoregressive")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (and weight seed for --preset)")
+    gen.add_argument("--stop-token", type=int, action="append", help="token id that ends generation (repeatable)")
+    gen.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    info = sub.add_parser("info", help="describe a checkpoint directory")
+    info.add_argument("model", metavar="DIR")
+
+    bench = sub.add_parser("bench", help="run a benchmark suite (each takes --json FILE)")
+    bench.add_argument("suite", choices=sorted(BENCH_SUITES))
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="options of the suite (see nimblelm bench SUITE --help)")
+    return parser
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.replace(",", " ").split()]
+    except ValueError:
+        raise NimbleError(f"--prompt-ids must be integers separated by commas or spaces, got {text!r}") from None
+
+
+def _load(args):
+    import torch
+
+    import nimblelm as nl
+
+    if args.model:
+        return nl.load(args.model)
+    config = nl.ModelConfig.from_preset(args.preset)
+    torch.manual_seed(args.seed)
+    return nl.LanguageModel(config).eval()
+
+
+def cmd_generate(args) -> int:
+    import nimblelm as nl
+
+    from .tokenization import decode_tokens, encode_text
+
+    model = _load(args)
+    ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else encode_text(model, args.prompt)
+    if not ids:
+        raise NimbleError("the prompt is empty; pass a non-empty --prompt or --prompt-ids")
+    result = nl.generate(model, ids, max_new_tokens=args.max_new_tokens, strategy=args.strategy,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                         stop_tokens=args.stop_token)
+    new = result.sequences()[0]
+    stats = result.stats
+    if args.json:
+        print(json.dumps({"prompt_ids": ids, "tokens": new, "text": decode_tokens(model, new), "stats": stats.as_dict()}))
+        return 0
+    if args.prompt is not None:
+        print(args.prompt + decode_tokens(model, new))
+    else:
+        print(" ".join(map(str, new)))
+    print(f"[{len(new)} tokens, {stats.tokens_per_s:.1f} tokens/s, {stats.target_calls} target calls, "
+          f"strategy {args.strategy}]", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args) -> int:
+    import nimblelm as nl
+
+    model = nl.load(args.model)
+    cfg = model.config
+    print(f"checkpoint: {os.path.abspath(args.model)}")
+    print(f"parameters: {model.num_parameters():,}")
+    print(f"layers: {cfg.num_layers}  hidden: {cfg.hidden_size}  heads: {cfg.num_heads} (kv {cfg.num_kv_heads})  "
+          f"vocab: {cfg.vocab_size}  context: {cfg.max_seq_len}")
+    print(f"mixers: {', '.join(cfg.layer_mixers())}")
+    print(f"ffns: {', '.join(cfg.layer_ffns())}")
+    print(f"tokenizer: {'yes' if model.tokenizer is not None else 'no'}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import importlib
+
+    module = importlib.import_module(BENCH_SUITES[args.suite])
+    return module.main(args.args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    handlers = {"generate": cmd_generate, "info": cmd_info, "bench": cmd_bench}
+    try:
+        return handlers[args.command](args)
+    except (NimbleError, FileNotFoundError, NotImplementedError) as exc:
+        print(f"nimblelm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nimblelm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
