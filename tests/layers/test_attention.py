@@ -8,7 +8,7 @@ import torch
 import nimblelm as nl
 from nimblelm.cache import ForwardInfo
 from nimblelm.layers.attention import Attention
-from nimblelm.layers.rotary import apply_rope, rope_cos_sin
+from nimblelm.layers.rotary import apply_rope, inverse_frequencies, rope_cos_sin
 
 
 def naive_attention(layer: Attention, x: torch.Tensor, positions: torch.Tensor, window=None) -> torch.Tensor:
@@ -53,17 +53,19 @@ def test_attention_matches_naive_loop(window, gate, kv_heads):
     x = torch.randn(2, 9, 32, dtype=torch.float64)
     positions = torch.arange(9).expand(2, 9)
     info = ForwardInfo(positions=positions, key_positions=positions)
-    info.cos, info.sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, torch.float64)
+    info.cos, info.sin = rope_cos_sin(positions, inverse_frequencies(cfg.head_dim, cfg.rope_theta, torch.float64), torch.float64)
     y, _ = layer(x, info)
     torch.testing.assert_close(y, naive_attention(layer, x, positions, window), rtol=1e-10, atol=1e-10)
 
 
 def test_rope_is_a_rotation_relative_in_position():
     q, k = torch.randn(1, 1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 1, 16, dtype=torch.float64)
+    inv_freq = inverse_frequencies(16, 10000.0, torch.float64)
+
     def score(pq, pk):
-        cq, sq = rope_cos_sin(torch.tensor([[pq]]), 16, 10000.0, torch.float64)
-        ck, sk = rope_cos_sin(torch.tensor([[pk]]), 16, 10000.0, torch.float64)
+        cq, sq = rope_cos_sin(torch.tensor([[pq]]), inv_freq, torch.float64)
+        ck, sk = rope_cos_sin(torch.tensor([[pk]]), inv_freq, torch.float64)
         return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
     torch.testing.assert_close(score(7, 3), score(104, 100))
-    cq, sq = rope_cos_sin(torch.tensor([[37]]), 16, 10000.0, torch.float64)
+    cq, sq = rope_cos_sin(torch.tensor([[37]]), inv_freq, torch.float64)
     torch.testing.assert_close(apply_rope(q, cq, sq).norm(), q.norm())

@@ -5,16 +5,19 @@ from __future__ import annotations
 import torch
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
+def inverse_frequencies(head_dim: int, theta: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """theta^(-2i/D) for i < D/2, computed as transformers does (so converted models match)."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype) / head_dim
+    return 1.0 / (theta ** exponent)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [B, 1, T, head_dim] for integer ``positions`` [B, T].
 
-    Frequencies are computed in float32 exactly as transformers does (so converted models
-    match), then cast to ``dtype``; float64 models get float64 angles."""
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).to(work) / head_dim
-    inv_freq = 1.0 / (theta ** exponent)  # [D/2]
-    angles = positions.to(work)[..., None] * inv_freq  # [B, T, D/2]
+    Angles are computed in inv_freq's dtype (float32 for float32 models, as transformers
+    does; float64 for float64 models), then cast to ``dtype``."""
+    angles = positions.to(inv_freq.dtype)[..., None] * inv_freq  # [B, T, D/2]
     angles = torch.cat((angles, angles), dim=-1)  # [B, T, D]
     return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
 

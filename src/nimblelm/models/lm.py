@@ -17,7 +17,7 @@ from ..cache import Cache, ForwardInfo, TreeSpec
 from ..errors import GenerationError
 from ..layers.norm import RMSNorm
 from ..layers.registry import ffn_class, mixer_class
-from ..layers.rotary import rope_cos_sin
+from ..layers.rotary import inverse_frequencies, rope_cos_sin
 from .config import ModelConfig
 
 
@@ -61,6 +61,7 @@ class LanguageModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.uses_rope = any(getattr(b.mixer, "uses_rope", False) for b in self.blocks)
+        self.register_buffer("rope_inv_freq", inverse_frequencies(config.head_dim, config.rope_theta), persistent=False)
         self.reset_parameters()
 
     # -- construction ------------------------------------------------------------------
@@ -133,8 +134,7 @@ class LanguageModel(nn.Module):
             info = ForwardInfo(positions=positions, token_mask=token_mask, tree=tree,
                                key_positions=positions, key_valid=key_valid)
         if self.uses_rope:
-            info.cos, info.sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta,
-                                              self.embed.weight.dtype)
+            info.cos, info.sin = rope_cos_sin(positions, self.rope_inv_freq, self.embed.weight.dtype)
         return info
 
     # -- checkpoints -------------------------------------------------------------------
