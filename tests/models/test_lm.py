@@ -137,3 +137,17 @@ def test_mixer_pattern_makes_hybrids():
 def test_unknown_mixer_is_a_clear_error():
     with pytest.raises(nl.ConfigError, match="unknown mixer 'foo'"):
         nl.LanguageModel(nl.ModelConfig(mixer_pattern=["foo"]))
+
+
+def test_gemma_style_options_decode_consistently():
+    """Partial rotary, norm offset, embedding scale, logit soft-cap, GeGLU with biases."""
+    model = build("attention-tiny", rope_fraction=0.5, norm_offset=1.0, embedding_scale=8.0, logit_softcap=3.0,
+                  hidden_act="gelu_tanh", ffn_bias=True, attention_out_bias=True)
+    tokens = torch.randint(0, 256, (1, 12))
+    full = model(tokens).logits
+    assert full.abs().max() <= 3.0
+    cache = model.make_cache(1, 12)
+    parts = [model(tokens[:, :5], cache=cache).logits] + [model(tokens[:, t:t + 1], cache=cache).logits for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-10, atol=1e-10)
+    assert model.blocks[0].ffn.gate_proj.bias is not None and model.blocks[0].mixer.o_proj.bias is not None
+    torch.testing.assert_close(model.norm.weight, torch.zeros(64, dtype=torch.float64))  # offset 1 + zeros

@@ -26,19 +26,24 @@ class MLP(nn.Module):
         return self.down_proj(F.gelu(self.up_proj(x))), None
 
 
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
 @register_ffn("swiglu")
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)) (Llama's MLP)."""
+    """down(act(gate(x)) * up(x)): Llama's MLP with act = silu (config.hidden_act), GeGLU with gelu."""
 
     def __init__(self, config: ModelConfig, layer_idx: int = 0, intermediate_size: int | None = None):
         super().__init__()
         width = intermediate_size or config.intermediate_size
-        self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
-        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
+        bias = config.ffn_bias
+        self.act = ACTIVATIONS[config.hidden_act]
+        self.gate_proj = nn.Linear(config.hidden_size, width, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=bias)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), None
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)), None
 
 
 @register_ffn("moe")

@@ -8,12 +8,15 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, computed in the input dtype (float64 stays float64)."""
+    """y = x / sqrt(mean(x^2) + eps) * (offset + weight), computed in the input dtype
+    (float64 stays float64). offset 1 with zero-initialised weights is Gemma's convention."""
 
-    def __init__(self, size: int, eps: float = 1e-6):
+    def __init__(self, size: int, eps: float = 1e-6, offset: float = 0.0):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(size))
+        self.offset = offset
+        self.weight = nn.Parameter(torch.full((size,), 1.0 - offset))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        scale = self.weight + self.offset if self.offset else self.weight
+        return F.rms_norm(x, self.weight.shape, scale, self.eps)

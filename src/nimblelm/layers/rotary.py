@@ -23,7 +23,11 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, H, T, D] by the angles in cos/sin [B, 1, T, D]."""
-    half = x.shape[-1] // 2
+    """Rotate the first R channels of x [B, H, T, D] by the angles in cos/sin [B, 1, T, R]
+    (R = D unless the model uses partial rotary); the other channels pass through."""
+    rotary = cos.shape[-1]
+    if rotary != x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)
+    half = rotary // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

@@ -35,6 +35,11 @@ class ModelConfig:
     sliding_window: int | None = None  # window of "local_attention" layers
     attn_output_gate: bool = False  # Gated Attention: head-wise sigmoid gate after SDPA
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    attention_out_bias: bool = False  # bias on the output projection (RecurrentGemma)
+    rope_fraction: float = 1.0  # rotate only the first rope_fraction of each head (partial rotary)
+    # feed-forward
+    hidden_act: str = "silu"  # activation of the gated FFN: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    ffn_bias: bool = False
     # mixture of experts
     num_experts: int = 8
     experts_top_k: int = 2
@@ -47,6 +52,9 @@ class ModelConfig:
     chunk_size: int = 64
     # norms, embeddings, init
     norm_eps: float = 1e-6
+    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + weight); Gemma-style models use 1
+    embedding_scale: float | None = None  # multiply embeddings by this (Gemma: sqrt(hidden_size))
+    logit_softcap: float | None = None  # logits <- cap * tanh(logits / cap)
     tie_embeddings: bool = True
     initializer_range: float = 0.02
     extra: dict[str, Any] = field(default_factory=dict)  # mixer-specific options
@@ -83,8 +91,19 @@ class ModelConfig:
             raise ConfigError("mixer_pattern and ffn_pattern must name at least one layer type each")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"sliding_window must be positive or null, got {self.sliding_window}")
+        if self.hidden_act not in ("silu", "gelu_tanh", "gelu"):
+            raise ConfigError(f"hidden_act must be 'silu', 'gelu' or 'gelu_tanh', got {self.hidden_act!r}")
+        rotary_dim = int(self.head_dim * self.rope_fraction)
+        if not 0 < self.rope_fraction <= 1 or rotary_dim % 2:
+            raise ConfigError(f"rope_fraction {self.rope_fraction} must be in (0, 1] and give an even rotary size "
+                              f"(head_dim {self.head_dim} * rope_fraction = {self.head_dim * self.rope_fraction})")
         if not 0 < self.experts_top_k <= self.num_experts:
             raise ConfigError(f"experts_top_k {self.experts_top_k} must be in 1..num_experts ({self.num_experts})")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Number of leading channels of each head that RoPE rotates."""
+        return int(self.head_dim * self.rope_fraction)
 
     # -- per-layer views -------------------------------------------------------------
     def layer_mixers(self) -> list[str]:

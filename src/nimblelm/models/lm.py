@@ -33,10 +33,10 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
-        self.mixer_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mixer_norm = RMSNorm(config.hidden_size, config.norm_eps, config.norm_offset)
         self.mixer = mixer_class(config.layer_mixers()[layer_idx])(config, layer_idx)
         ffn_cls = ffn_class(config.layer_ffns()[layer_idx])
-        self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps) if ffn_cls else None
+        self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps, config.norm_offset) if ffn_cls else None
         self.ffn = ffn_cls(config, layer_idx) if ffn_cls else None
 
     def forward(self, x: torch.Tensor, info: ForwardInfo, state=None):
@@ -58,10 +58,10 @@ class LanguageModel(nn.Module):
         self.tokenizer = None  # a tokenizers.Tokenizer when loaded from a checkpoint that has one
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps, config.norm_offset)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.uses_rope = any(getattr(b.mixer, "uses_rope", False) for b in self.blocks)
-        self.register_buffer("rope_inv_freq", inverse_frequencies(config.head_dim, config.rope_theta), persistent=False)
+        self.register_buffer("rope_inv_freq", inverse_frequencies(config.rotary_dim, config.rope_theta), persistent=False)
         self.reset_parameters()
 
     # -- construction ------------------------------------------------------------------
@@ -106,6 +106,8 @@ class LanguageModel(nn.Module):
         """
         info = self._forward_info(tokens, positions, cache, tree, token_mask)
         x = self.embed(tokens)
+        if self.config.embedding_scale is not None:
+            x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
         aux_total = None
         for i, block in enumerate(self.blocks):
             state = cache.states[i] if cache is not None else None
@@ -119,6 +121,8 @@ class LanguageModel(nn.Module):
         hidden = self.norm(x)
         kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
         logits = kept @ self.head_weight.t() if self.lm_head is None else self.lm_head(kept)
+        if self.config.logit_softcap is not None:
+            logits = torch.tanh(logits / self.config.logit_softcap) * self.config.logit_softcap
         return ModelOutput(logits=logits, hidden=hidden, aux_loss=aux_total)
 
     def _forward_info(self, tokens, positions, cache, tree, token_mask) -> ForwardInfo:
