@@ -1,0 +1,64 @@
+"""Feature maps phi for linear attention: pure functions on [..., D] tensors.
+
+Linear attention replaces exp(q.k) by a kernel phi(q).phi(k); each map below states its
+kernel. Feed phi(q), phi(k) to `nimblelm.ops.gla` (usually with normalize=True, scale=1.0).
+
+    identity            phi(x) = x                          kernel q.k
+    elu_plus_one        phi(x) = elu(x) + 1                 (Katharopoulos et al. 2020)
+    taylor_first_order  phi(x) = [1, x / |x|]               1 + cos(q, k)  (Li et al. 2020)
+    taylor_second_order phi(x) = [1, x / d^(1/4), (x x^T) / (sqrt(2) sqrt(d))]
+                                 1 + q.k / sqrt(d) + (q.k)^2 / (2 d)   (Based)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["identity", "elu_plus_one", "taylor_first_order", "taylor_second_order",
+           "feature_dim"]
+
+
+def identity(x: Tensor) -> Tensor:
+    """phi(x) = x, [..., D] -> [..., D]."""
+    return x
+
+
+def elu_plus_one(x: Tensor) -> Tensor:
+    """phi(x) = elu(x) + 1 > 0, [..., D] -> [..., D]."""
+    return F.elu(x) + 1.0
+
+
+def taylor_first_order(x: Tensor, normalize: bool = True, eps: float = 1e-6) -> Tensor:
+    """First-order Taylor map of Li et al. 2020, [..., D] -> [..., 1 + D].
+
+    phi(x) = [1, x_hat] with x_hat = x / max(|x|, eps) (L2-normalised; normalize=False
+    keeps x as is), so phi(q).phi(k) = 1 + q_hat.k_hat, which is >= 0 when normalised.
+    """
+    if normalize:
+        x = F.normalize(x, p=2.0, dim=-1, eps=eps)
+    return torch.cat([torch.ones_like(x[..., :1]), x], dim=-1)  # [..., 1+D]
+
+
+def taylor_second_order(x: Tensor) -> Tensor:
+    """Second-order Taylor map of Based, [..., D] -> [..., 1 + D + D^2].
+
+    phi(q).phi(k) = 1 + q.k / sqrt(D) + (q.k)^2 / (2 D), the Taylor expansion of
+    exp(q.k / sqrt(D)) to second order (always > 0: 1 + u + u^2/2 > 0).
+    """
+    d = x.shape[-1]
+    ones = torch.ones_like(x[..., :1])  # [..., 1]
+    first = x * d ** -0.25  # [..., D]
+    second = (x[..., :, None] * x[..., None, :]).flatten(-2) * (2.0 * d) ** -0.5  # [..., D*D]
+    return torch.cat([ones, first, second], dim=-1)  # [..., 1+D+D^2]
+
+
+def feature_dim(name: str, head_dim: int) -> int:
+    """Size of phi(x) for a map named by its function name and an input size head_dim."""
+    sizes = {"identity": head_dim, "elu_plus_one": head_dim,
+             "taylor_first_order": 1 + head_dim,
+             "taylor_second_order": 1 + head_dim + head_dim * head_dim}
+    if name not in sizes:
+        raise ValueError(f"unknown feature map {name!r}; choose one of {sorted(sizes)}")
+    return sizes[name]

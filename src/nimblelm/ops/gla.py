@@ -1,0 +1,266 @@
+"""Gated linear attention: linear attention, RetNet, Mamba-2 (SSD) and GLA in one op.
+
+Recurrence per head, with the state S of shape [Dk, Dv]:
+
+    S_t = diag(a_t) S_{t-1} + k_t^T v_t          (the state decays BEFORE k_t v_t is added)
+    o_t = scale * q_t S_t
+
+The decay a_t = exp(log-decay) is given in log space, and selects the family:
+
+    g=None, gk=None   a_t = 1: plain (Katharopoulos) linear attention
+    g  [B, T, H]      one scalar per head and token: RetNet (constant
+                      g = log(gamma_h), see `retnet_log_decay`), Mamba-2 / SSD
+                      (g = dt * A, with k = dt * B, q = C, v = x and scale=1.0)
+    gk [B, T, H, Dk]  one decay per key dimension: GLA (gk = logsigmoid(...) / tau)
+    both              the log-decays add: a_t = exp(g_t + gk_t)
+
+Log-decays must be finite and <= 0; decay near 0 (gk down to about -20 per step and
+beyond) and near 1 are both safe in float32 over T = 8192: inside a chunk only
+differences of cumulative log-decays that are <= 0 are ever exponentiated.
+
+Optional normaliser (`normalize=True`, Katharopoulos linear attention, Based):
+
+    z_t = a_t * z_{t-1} + k_t                    z [B, H, Dk], decayed like S
+    o_t = (scale * q_t S_t) / (scale * q_t z_t + eps)
+
+and the state is then the tuple (S [B, H, Dk, Dv], z [B, H, Dk]), as input and output
+(the same convention as flash-linear-attention's linear_attn, which uses eps=1e-10).
+
+Shapes: q, k [B, T, H, Dk]; v [B, T, H, Dv]; o [B, T, H, Dv]; state S [B, H, Dk, Dv].
+scale defaults to Dk ** -0.5 (pass scale=1.0 for none); it multiplies q.
+
+Forms: `naive_gla` (a loop over time, the oracle), `chunk_gla` (chunkwise form for prefill
+and training) and `step_gla` (one token, for decoding). All are differentiable and keep
+the inputs' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["naive_gla", "chunk_gla", "step_gla", "retnet_log_decay"]
+
+State = Tensor | tuple[Tensor, Tensor]
+
+
+def retnet_log_decay(num_heads: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """RetNet's fixed per-head log-decay log(1 - 2^(-5-h)), shape [H].
+
+    Broadcast it to g [B, T, H] with `log_decay.expand(B, T, H)`.
+    """
+    h = torch.arange(num_heads, dtype=torch.float64)
+    return torch.log1p(-(2.0 ** (-5.0 - h))).to(dtype)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _scale(q: Tensor, scale: float | None) -> float:
+    return q.shape[-1] ** -0.5 if scale is None else scale
+
+
+def _log_decay(q: Tensor, g: Tensor | None, gk: Tensor | None) -> Tensor | None:
+    """Combined log-decay [B, T, H, 1] (scalar) or [B, T, H, Dk] (per key dim), or None."""
+    if g is not None and tuple(g.shape) != tuple(q.shape[:3]):
+        raise ValueError(f"g must have shape [B, T, H] = {tuple(q.shape[:3])}, got {tuple(g.shape)}")
+    if gk is not None and gk.shape != q.shape:
+        raise ValueError(f"gk must have q's shape {tuple(q.shape)}, got {tuple(gk.shape)}")
+    if gk is None:
+        return None if g is None else g[..., None]
+    return gk if g is None else gk + g[..., None]
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.dim() != 4 or q.shape != k.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            "expected q, k [B, T, H, Dk] (same shape) and v [B, T, H, Dv], got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+
+
+def _split_state(state: State | None, q: Tensor, v: Tensor,
+                 normalize: bool) -> tuple[Tensor, Tensor | None]:
+    """(S [B, H, Dk, Dv], z [B, H, Dk] or None) from the user's state, in q's dtype."""
+    B, _, H, Dk = q.shape
+    if state is None:
+        S = q.new_zeros(B, H, Dk, v.shape[-1])
+        return S, (q.new_zeros(B, H, Dk) if normalize else None)
+    if normalize != isinstance(state, tuple):
+        raise ValueError("with normalize=True the state is a tuple (S [B,H,Dk,Dv], z [B,H,Dk]); "
+                         "with normalize=False it is the tensor S [B,H,Dk,Dv]")
+    S, z = state if normalize else (state, None)
+    if S.shape != (B, H, Dk, v.shape[-1]):
+        raise ValueError(f"state S must have shape {(B, H, Dk, v.shape[-1])}, got {tuple(S.shape)}")
+    return S.to(q.dtype), (None if z is None else z.to(q.dtype))
+
+
+def _pack(S: Tensor, z: Tensor | None) -> State:
+    return S if z is None else (S, z)
+
+
+def _recurrent_step(S: Tensor, z: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
+                    a_log: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One token. S [B,H,Dk,Dv]; z [B,H,Dk]; q (scaled), k [B,H,Dk]; v [B,H,Dv];
+    a_log [B,H,1] or [B,H,Dk]. Returns (o [B,H,Dv], S, z)."""
+    if a_log is not None:
+        a = a_log.exp()  # [B,H,1|Dk]
+        S = S * a[..., None]
+        z = None if z is None else z * a
+    S = S + k[..., :, None] * v[..., None, :]  # [B,H,Dk,Dv]
+    o = torch.einsum("bhk,bhkv->bhv", q, S)
+    if z is not None:
+        z = z + k
+        o = o / ((q * z).sum(-1, keepdim=True) + eps)
+    return o, S, z
+
+
+# ----------------------------------------------------------------------------- naive + step
+
+
+def naive_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, gk: Tensor | None = None,
+              scale: float | None = None, initial_state: State | None = None,
+              output_final_state: bool = False, normalize: bool = False,
+              eps: float = 1e-6) -> tuple[Tensor, State | None]:
+    """Reference loop over time (the oracle). Returns (o [B,T,H,Dv], state or None);
+    state is S [B,H,Dk,Dv], or (S, z [B,H,Dk]) when normalize=True."""
+    _check_qkv(q, k, v)
+    a_log = _log_decay(q, g, gk)
+    S, z = _split_state(initial_state, q, v, normalize)
+    q = q * _scale(q, scale)
+    outs = []
+    for t in range(q.shape[1]):
+        a_t = None if a_log is None else a_log[:, t]
+        o_t, S, z = _recurrent_step(S, z, q[:, t], k[:, t], v[:, t], a_t, eps)
+        outs.append(o_t)
+    o = torch.stack(outs, dim=1) if outs else v.new_zeros(v.shape)  # [B,T,H,Dv]
+    return o, (_pack(S, z) if output_final_state else None)
+
+
+def step_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, gk: Tensor | None = None,
+             scale: float | None = None, state: State | None = None, normalize: bool = False,
+             eps: float = 1e-6) -> tuple[Tensor, State]:
+    """One decoding step: q, k [B,1,H,Dk], v [B,1,H,Dv], g [B,1,H], gk [B,1,H,Dk].
+    Returns (o [B,1,H,Dv], new state) with the state as in `naive_gla`."""
+    _check_qkv(q, k, v)
+    if q.shape[1] != 1:
+        raise ValueError(f"step_gla takes one token (T == 1), got T = {q.shape[1]}; "
+                         "use chunk_gla for longer inputs")
+    a_log = _log_decay(q, g, gk)
+    S, z = _split_state(state, q, v, normalize)
+    a_0 = None if a_log is None else a_log[:, 0]
+    o, S, z = _recurrent_step(S, z, q[:, 0] * _scale(q, scale), k[:, 0], v[:, 0], a_0, eps)
+    return o[:, None], _pack(S, z)  # o [B,1,H,Dv]
+
+
+# ----------------------------------------------------------------------------- chunkwise
+
+
+def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, gk: Tensor | None = None,
+              scale: float | None = None, initial_state: State | None = None,
+              output_final_state: bool = False, chunk_size: int = 64, normalize: bool = False,
+              eps: float = 1e-6, sub_chunk_size: int = 16) -> tuple[Tensor, State | None]:
+    """Chunkwise form: exact (up to rounding) equal of `naive_gla`, same arguments and outputs.
+
+    Within a chunk the scores are dense matmuls; chunks are chained by their states.
+    With per-key-dim decay (gk) the chunk is split into sub-chunks of `sub_chunk_size`
+    (must divide chunk_size): sub-chunk pairs use a shared reference point, diagonal
+    sub-blocks use exact pairwise decays, so nothing overflows.
+    """
+    _check_qkv(q, k, v)
+    if chunk_size < 1 or chunk_size % min(sub_chunk_size, chunk_size):
+        raise ValueError(f"sub_chunk_size={sub_chunk_size} must divide chunk_size={chunk_size}")
+    a_log = _log_decay(q, g, gk)
+    S, z = _split_state(initial_state, q, v, normalize)
+    q = q * _scale(q, scale)
+    if normalize:  # z rides along as one more value column: v -> [v, 1], S -> [S, z]
+        v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # [B,T,H,Dv+1]
+        S = torch.cat([S, z[..., None]], dim=-1)  # [B,H,Dk,Dv+1]
+    o, S = _chunk_core(q, k, v, a_log, S, chunk_size, min(sub_chunk_size, chunk_size))
+    if normalize:
+        o = o[..., :-1] / (o[..., -1:] + eps)
+        S, z = S[..., :-1], S[..., -1]
+    return o, (_pack(S, z) if output_final_state else None)
+
+
+def _to_chunks(x: Tensor, N: int, C: int) -> Tensor:
+    """[B, T, H, D] -> zero-padded [B, H, N, C, D] with N * C >= T."""
+    B, T, H, D = x.shape
+    x = F.pad(x, (0, 0, 0, 0, 0, N * C - T))  # [B, N*C, H, D]
+    return x.reshape(B, N, C, H, D).permute(0, 3, 1, 2, 4)
+
+
+def _chunk_core(q: Tensor, k: Tensor, v: Tensor, a_log: Tensor | None, S0: Tensor,
+                chunk_size: int, sub: int) -> tuple[Tensor, Tensor]:
+    """q (scaled), k [B,T,H,Dk]; v [B,T,H,Dv]; a_log [B,T,H,1|Dk] or None; S0 [B,H,Dk,Dv].
+    Returns (o [B,T,H,Dv], final S [B,H,Dk,Dv]). Zero padding is inert (k = 0, a = 1)."""
+    B, T, H, _ = q.shape
+    C = min(chunk_size, max(sub, math.ceil(T / sub) * sub))  # short inputs: smaller chunk
+    N = math.ceil(T / C)
+    qc, kc, vc = (_to_chunks(x, N, C) for x in (q, k, v))  # [B,H,N,C,D]
+    b = None if a_log is None else _to_chunks(a_log, N, C).cumsum(-2)  # [B,H,N,C,1|Dk]
+    o = _intra_scores(qc, kc, b, sub) @ vc  # [B,H,N,C,Dv]
+    if b is None:
+        q_in, k_out, decay = qc, kc, None
+    else:
+        last = b[..., -1:, :]  # [B,H,N,1,1|Dk] cumulative log-decay of the whole chunk
+        q_in, k_out, decay = qc * b.exp(), kc * (last - b).exp(), last.squeeze(-2).exp()
+    U = k_out.transpose(-1, -2) @ vc  # [B,H,N,Dk,Dv] each chunk's own contribution
+    S_prev, S = _carry_states(S0, U, decay)  # [B,H,N,Dk,Dv] state entering each chunk
+    o = o + q_in @ S_prev  # [B,H,N,C,Dv]
+    o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, -1)[:, :T]  # [B,T,H,Dv]
+    return o, S
+
+
+def _carry_states(S0: Tensor, U: Tensor, decay: Tensor | None) -> tuple[Tensor, Tensor]:
+    """S0 [B,H,Dk,Dv]; U [B,H,N,Dk,Dv]; decay [B,H,N,1|Dk] or None.
+    Returns (states entering each chunk [B,H,N,Dk,Dv], final state [B,H,Dk,Dv])."""
+    if decay is None:
+        S_all = S0[:, :, None] + U.cumsum(2)  # [B,H,N,Dk,Dv] state after each chunk
+        return torch.cat([S0[:, :, None], S_all[:, :, :-1]], dim=2), S_all[:, :, -1]
+    prev, S = [], S0
+    for n in range(U.shape[2]):
+        prev.append(S)
+        S = S * decay[:, :, n, :, None] + U[:, :, n]
+    return torch.stack(prev, dim=2), S
+
+
+def _intra_scores(q: Tensor, k: Tensor, b: Tensor | None, sub: int) -> Tensor:
+    """Decayed causal scores inside each chunk, A[t, s] = sum_d q_t k_s exp(b_t - b_s), s <= t.
+    q, k [B,H,N,C,Dk]; b [B,H,N,C,1|Dk] cumulative log-decay or None. Returns [B,H,N,C,C]."""
+    C = q.shape[-2]
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    if b is None:
+        return (q @ k.transpose(-1, -2)).masked_fill(~causal, 0.0)
+    if b.shape[-1] == 1:
+        diff = b - b.transpose(-1, -2)  # [B,H,N,C,C] b_t - b_s
+        return (q @ k.transpose(-1, -2)) * diff.masked_fill(~causal, -math.inf).exp()
+    return _intra_scores_per_dim(q, k, b, sub)
+
+
+def _intra_scores_per_dim(q: Tensor, k: Tensor, b: Tensor, sub: int) -> Tensor:
+    """`_intra_scores` for per-key-dim decay, stable for any log-decay <= 0.
+
+    Sub-chunk i against earlier sub-chunks: reference r_i = b just before sub-chunk i, so
+    q_t exp(b_t - r_i) and k_s exp(r_i - b_s) both have exponents <= 0. Sub-chunk i against
+    itself: exact pairwise exp(b_t - b_s) over [c, c, Dk]. Shapes as in `_intra_scores`.
+    """
+    C, M = q.shape[-2], q.shape[-2] // sub
+    qs, ks, bs = (x.unflatten(-2, (M, sub)) for x in (q, k, b))  # [B,H,N,M,c,Dk]
+    r = torch.cat([torch.zeros_like(b[..., :1, :]), b[..., sub - 1:C - 1:sub, :]], dim=-2)
+    # r [B,H,N,M,Dk]: b at the last position before sub-chunk i (0 before the first)
+    q_ref = qs * (bs - r[..., None, :]).exp()  # [B,H,N,M,c,Dk]
+    pos = torch.arange(C, device=q.device)
+    before = pos[None, :] < (pos[:M] * sub)[:, None]  # [M, C]: s lies before sub-chunk i
+    e = (r[..., None, :] - b[..., None, :, :]).masked_fill(~before[..., None], -math.inf)
+    k_ref = k[..., None, :, :] * e.exp()  # [B,H,N,M,C,Dk], zero where s is not before i
+    A = (q_ref @ k_ref.transpose(-1, -2)).unflatten(-1, (M, sub))  # [B,H,N,M,c,M,c]
+    tri = torch.ones(sub, sub, dtype=torch.bool, device=q.device).tril()
+    d = (bs[..., :, None, :] - bs[..., None, :, :]).masked_fill(~tri[..., None], -math.inf)
+    w = d.exp() * ks[..., None, :, :]  # [B,H,N,M,c(t),c(s),Dk]
+    A_diag = (w @ qs[..., :, :, None]).squeeze(-1)  # [B,H,N,M,c,c]
+    eye = torch.eye(M, dtype=q.dtype, device=q.device)
+    A = A + A_diag[..., :, :, None, :] * eye[:, None, :, None]  # [B,H,N,M,c,M,c]
+    return A.flatten(-4, -3).flatten(-2, -1)  # [B,H,N,C,C]

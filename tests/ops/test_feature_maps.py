@@ -1,0 +1,68 @@
+"""Feature maps: phi(q).phi(k) equals each map's closed-form kernel."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nimblelm.ops import feature_maps as fm
+
+
+def pairs(D=7, n=50, scale=1.0):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(n, 3, D, generator=gen, dtype=torch.float64) * scale
+    k = torch.randn(n, 3, D, generator=gen, dtype=torch.float64) * scale
+    return q, k
+
+
+def dot(a, b):
+    return (a * b).sum(-1)
+
+
+def test_identity_and_elu_plus_one():
+    q, k = pairs()
+    assert fm.identity(q) is q
+    phi = fm.elu_plus_one(q)
+    assert (phi > 0).all()
+    torch.testing.assert_close(phi, torch.where(q > 0, q + 1, q.exp()), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 10.0])
+def test_taylor_first_order_kernel(scale):
+    q, k = pairs(scale=scale)
+    pq, pk = fm.taylor_first_order(q), fm.taylor_first_order(k)
+    assert pq.shape[-1] == 1 + q.shape[-1] == fm.feature_dim("taylor_first_order", q.shape[-1])
+    kernel = 1 + F.cosine_similarity(q, k, dim=-1)
+    torch.testing.assert_close(dot(pq, pk), kernel, rtol=1e-13, atol=1e-13)
+    assert (dot(pq, pk) >= -1e-12).all()
+    raw = dot(fm.taylor_first_order(q, normalize=False), fm.taylor_first_order(k, normalize=False))
+    torch.testing.assert_close(raw, 1 + dot(q, k), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("D", [1, 4, 16])
+def test_taylor_second_order_kernel(D):
+    q, k = pairs(D=D, scale=2.0)
+    pq, pk = fm.taylor_second_order(q), fm.taylor_second_order(k)
+    assert pq.shape == (*q.shape[:-1], 1 + D + D * D)
+    assert pq.shape[-1] == fm.feature_dim("taylor_second_order", D)
+    u = dot(q, k)
+    kernel = 1 + u / math.sqrt(D) + u ** 2 / (2 * D)
+    torch.testing.assert_close(dot(pq, pk), kernel, rtol=1e-13, atol=1e-12)
+    assert (dot(pq, pk) > 0).all()
+
+
+def test_maps_are_differentiable_and_finite_at_zero():
+    x = torch.zeros(2, 5, dtype=torch.float64, requires_grad=True)
+    for phi in (fm.identity, fm.elu_plus_one, fm.taylor_first_order, fm.taylor_second_order):
+        y = phi(x)
+        (g,) = torch.autograd.grad(y.sum(), x)
+        assert torch.isfinite(y).all() and torch.isfinite(g).all()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    for phi in (fm.elu_plus_one, fm.taylor_first_order, fm.taylor_second_order):
+        assert torch.autograd.gradcheck(phi, (x,))
+
+
+def test_feature_dim_unknown_name():
+    with pytest.raises(ValueError, match="unknown feature map"):
+        fm.feature_dim("relu", 4)
