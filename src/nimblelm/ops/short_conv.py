@@ -1,0 +1,86 @@
+"""Causal depthwise 1-D convolution with a carried state (the "short conv").
+
+Used by Mamba, Mamba-2, DeltaNet, Griffin and Zoology's BaseConv. Per channel c and time t:
+
+    y[t, c] = act(bias[c] + sum_{k=0}^{K-1} weight[c, k] * x[t - (K-1) + k, c])
+
+so the last tap ``weight[:, K-1]`` multiplies the current input, and inputs before the start
+come from the state. This is transformers' Mamba / RecurrentGemma convolution with their
+``nn.Conv1d`` weight ``[C, 1, K]`` squeezed to ``[C, K]``.
+
+State: the last ``K - 1`` inputs, ``[B, C, K-1]`` in time order (oldest first), zeros
+initially. (transformers' Mamba cache keeps ``K`` inputs including the current one; Griffin's
+keeps ``K - 1`` like ours.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """Apply ``activation`` ('silu' / 'swish' or None)."""
+    if activation is None:
+        return y
+    if activation in ("silu", "swish"):
+        return F.silu(y)
+    raise ValueError(f"unknown activation {activation!r}; use 'silu' or None")
+
+
+def _padded_input(x, weight, initial_state):
+    """Return the inputs with the state prepended: [B, C, K-1+T] (x: [B, T, C], weight: [C, K])."""
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:
+        raise ValueError(f"x must be [B, T, C] and weight [C, K]; got {tuple(x.shape)}, {tuple(weight.shape)}")
+    Bsz, _, C = x.shape
+    K = weight.shape[1]
+    if initial_state is None:
+        initial_state = x.new_zeros(Bsz, C, K - 1)
+    elif initial_state.shape != (Bsz, C, K - 1):
+        raise ValueError(f"state must be [B, C, K-1] = {(Bsz, C, K - 1)}; got {tuple(initial_state.shape)}")
+    return torch.cat([initial_state, x.transpose(1, 2)], dim=2)  # [B, C, K-1+T]
+
+
+def _last_inputs(padded: torch.Tensor, K: int) -> torch.Tensor:
+    """The last ``K - 1`` columns of padded [B, C, S] as the new state [B, C, K-1]."""
+    return padded[:, :, padded.shape[2] - (K - 1) :]
+
+
+def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, output_final_state=False):
+    """Causal depthwise convolution via ``F.conv1d`` with the state as left padding.
+
+    x: [B, T, C]; weight: [C, K]; bias: [C] or None; activation: 'silu' or None;
+    initial_state: [B, C, K-1] (zeros when None).
+    Returns (y [B, T, C], final state [B, C, K-1] or None).
+    """
+    padded = _padded_input(x, weight, initial_state)  # [B, C, K-1+T]
+    y = F.conv1d(padded, weight.unsqueeze(1), bias, groups=x.shape[2])  # [B, C, T]
+    y = _activate(y, activation).transpose(1, 2).contiguous()  # [B, T, C]
+    return y, (_last_inputs(padded, weight.shape[1]) if output_final_state else None)
+
+
+def naive_causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, output_final_state=False):
+    """Same contract as :func:`causal_conv1d`, as an explicit loop over time (the oracle)."""
+    padded = _padded_input(x, weight, initial_state)  # [B, C, K-1+T]
+    K = weight.shape[1]
+    ys = []
+    for t in range(x.shape[1]):
+        window = padded[:, :, t : t + K]  # [B, C, K], window[..., K-1] is x[:, t]
+        y_t = (window * weight).sum(dim=-1)  # [B, C]
+        ys.append(y_t if bias is None else y_t + bias)
+    y = torch.stack(ys, dim=1) if ys else x.new_zeros(x.shape)  # [B, T, C]
+    return _activate(y, activation), (_last_inputs(padded, K) if output_final_state else None)
+
+
+def step_causal_conv1d(x, weight, bias=None, activation=None, state=None):
+    """One decoding step. x: [B, 1, C]; weight: [C, K]; state: [B, C, K-1] (zeros when None).
+
+    Returns (y [B, 1, C], new state [B, C, K-1]).
+    """
+    if x.dim() != 3 or x.shape[1] != 1:
+        raise ValueError(f"step_causal_conv1d takes one token: x must be [B, 1, C], got {tuple(x.shape)}")
+    window = _padded_input(x, weight, state)  # [B, C, K]
+    y = (window * weight).sum(dim=-1)  # [B, C]
+    if bias is not None:
+        y = y + bias
+    return _activate(y, activation)[:, None], _last_inputs(window, weight.shape[1])
