@@ -142,6 +142,13 @@ class KVState:
         self.k = self.k.index_select(0, rows)
         self.v = self.v.index_select(0, rows)
 
+    def snapshot(self) -> None:
+        """Nothing to save: slots past the cache length are never read before being rewritten."""
+        return None
+
+    def restore(self, saved: None) -> None:
+        pass
+
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
@@ -203,6 +210,20 @@ class Cache:
         self.valid[:, dst] = self.valid.index_select(1, start + keep)
         self.length += keep.numel()
         self.pending = 0
+
+    def snapshot(self) -> tuple:
+        """Everything needed to return to the current committed state with :meth:`restore`
+        (used by drafters, which extend their own cache with guesses and then roll back)."""
+        if self.pending:
+            raise GenerationError("cannot snapshot a cache with uncommitted tree tokens; commit first")
+        return self.length, [s.snapshot() if s is not None else None for s in self.states]
+
+    def restore(self, saved: tuple) -> None:
+        length, states = saved
+        for state, kept in zip(self.states, states):
+            if state is not None:
+                state.restore(kept)
+        self.length, self.pending = length, 0
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.states if s is not None)

@@ -1,3 +1,4 @@
+from . import speculative  # noqa: F401  (registers the speculative strategies)
 from .generate import GenerationResult, GenerationStats, StreamEvent, generate, register_strategy, stream
 from .sampling import SamplingConfig, probabilities
 

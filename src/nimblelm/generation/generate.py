@@ -25,14 +25,16 @@ class GenerationStats:
     target_calls: int = 0
     draft_calls: int = 0
     new_tokens: int = 0  # over all rows, stop token included, padding excluded
+    rounds: int = 0  # target calls that emitted tokens (a prefill of prompt[:-1] emits none)
     prefill_s: float = 0.0
     total_s: float = 0.0
 
     @property
     def accepted_per_call(self) -> float:
-        """tau: tokens emitted per target call, prefill included (each call yields at least the
-        bonus token); exactly 1 for autoregressive."""
-        return self.new_tokens / max(self.target_calls, 1)
+        """tau: tokens emitted per round (a target call that emitted tokens), bonus token
+        included (Spec-Bench convention); exactly 1 for autoregressive, depth + 1 for a
+        drafter that is always right."""
+        return self.new_tokens / max(self.rounds, 1)
 
     @property
     def tokens_per_s(self) -> float:
@@ -45,6 +47,7 @@ class GenerationStats:
 
     def as_dict(self) -> dict:
         return {"target_calls": self.target_calls, "draft_calls": self.draft_calls, "new_tokens": self.new_tokens,
+                "rounds": self.rounds,
                 "accepted_per_call": self.accepted_per_call, "tokens_per_s": self.tokens_per_s,
                 "decode_tokens_per_s": self.decode_tokens_per_s, "prefill_s": self.prefill_s,
                 "total_s": self.total_s}
@@ -239,6 +242,7 @@ def autoregressive(request: GenerationRequest) -> Iterator[StreamEvent]:
     finished = torch.zeros(request.batch, dtype=torch.bool)
     for step in range(request.max_new_tokens):
         chosen = choose_tokens(out.logits[:, -1], request.sampling, request.generator)
+        stats.rounds += 1
         new = [[] if done else [tok] for tok, done in zip(chosen.tolist(), finished.tolist())]
         stats.new_tokens += sum(len(t) for t in new)
         finished |= torch.tensor([bool(t) and t[0] in request.stop_tokens for t in new])

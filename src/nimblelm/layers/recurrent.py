@@ -42,6 +42,13 @@ class RecurrentState:
     def select(self, rows: torch.Tensor) -> None:
         self.tensors = {name: t.index_select(0, rows) for name, t in self.tensors.items()}
 
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {name: t.clone() for name, t in self.tensors.items()}
+
+    def restore(self, saved: dict[str, torch.Tensor]) -> None:
+        self.tensors = {name: t.clone() for name, t in saved.items()}
+        self.pending = None
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 

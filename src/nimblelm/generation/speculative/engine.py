@@ -1,0 +1,83 @@
+"""The speculative decoding loop shared by every drafter: one target call per round.
+
+Round: the drafter proposes a :class:`DraftTree` whose root is the last emitted token (not
+yet in the target's cache); the target scores every node in one call (tree mask +
+per-node positions; recurrent mixers compute one state per node); :func:`verify` picks the
+accepted path and the bonus token from the target's processed distribution; the cache keeps
+the accepted path (``cache.commit``); the drafter is told what was emitted. Greedy output
+equals autoregressive output token for token; sampled output has exactly the target's
+distribution.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import torch
+
+from ...errors import GenerationError
+from ..generate import GenerationRequest, GenerationStats, StreamEvent
+from ..sampling import probabilities
+from .verify import truncate_at_stop, verify
+
+
+def check_target_supports_trees(target, strategy: str) -> None:
+    """Refuse (before any work) targets whose layers cannot verify a draft tree."""
+    blocks = getattr(target, "blocks", None)
+    if blocks is None:
+        if not getattr(target, "supports_tree", False):
+            raise GenerationError(f"strategy {strategy!r} needs a target that verifies draft trees; "
+                                  f"{type(target).__name__} does not (use strategy='autoregressive')")
+        return
+    unsupported = sorted({type(b.mixer).__name__ for b in blocks if not getattr(b.mixer, "supports_tree", False)})
+    if unsupported:
+        raise GenerationError(f"strategy {strategy!r} needs tree verification, which {', '.join(unsupported)} "
+                              "layers do not support; use strategy='autoregressive'")
+
+
+def speculative_rounds(request: GenerationRequest, drafter, strategy: str) -> Iterator[StreamEvent]:
+    """Run rounds until max_new_tokens or a stop token; batch size 1."""
+    if request.batch != 1:
+        raise GenerationError(f"strategy {strategy!r} decodes one sequence at a time; got batch {request.batch} "
+                              "(call generate per prompt, or use strategy='autoregressive' for batches)")
+    if request.watermark is not None:
+        raise GenerationError("watermarking is not available in this version of nimblelm; pass watermark=None")
+    target = request.target
+    check_target_supports_trees(target, strategy)
+    vocab = target.config.vocab_size
+    draft_vocab = getattr(drafter, "vocab_size", None)
+    if draft_vocab is not None and draft_vocab != vocab:
+        raise GenerationError(f"the drafter's vocabulary ({draft_vocab}) differs from the target's ({vocab}); "
+                              "draft and target must share a tokenizer")
+    if request.max_new_tokens == 0:
+        return
+    prompt = request.tokens[0][request.token_mask[0]].tolist()
+    max_nodes = drafter.max_tree_size
+    cache = target.make_cache(1, len(prompt) + request.max_new_tokens + max_nodes)
+    drafter.begin(prompt, request)
+    stats, start = GenerationStats(), time.perf_counter()
+    if len(prompt) > 1:
+        target(torch.tensor([prompt[:-1]]), cache=cache)
+        stats.target_calls += 1
+    stats.prefill_s = time.perf_counter() - start
+    context, emitted = list(prompt), 0
+    while emitted < request.max_new_tokens:
+        tree = drafter.propose(context)
+        spec = tree.to_spec()
+        out = target(tree.tokens[None], tree.positions(cache.length)[None], cache=cache, tree=spec)
+        stats.target_calls += 1
+        stats.rounds += 1
+        target_probs = probabilities(out.logits[0], request.sampling)
+        result = verify(tree, target_probs, request.generator, greedy=request.sampling.greedy)
+        emission = truncate_at_stop(result, tree, request.stop_tokens, request.max_new_tokens - emitted)
+        cache.commit(emission.commit)
+        context.extend(emission.tokens)
+        emitted += len(emission.tokens)
+        drafter.accept(context, emission)
+        stats.new_tokens = emitted
+        stats.draft_calls = drafter.calls
+        stats.total_s = time.perf_counter() - start
+        yield StreamEvent(tokens=[emission.tokens], from_draft=[emission.from_draft], stats=stats)
+        if emission.stopped:
+            return
