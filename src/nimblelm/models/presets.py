@@ -35,3 +35,8 @@ register_architecture("moe", mixer_pattern=["attention"], ffn_pattern=["swiglu",
                       tiny=dict(num_layers=4), small=dict(num_layers=6, intermediate_size=768))
 register_architecture("mlp-attention", mixer_pattern=["attention"], ffn_pattern=["mlp"],
                       tie_embeddings=False, num_kv_heads=None)
+
+# -- the mixer library: one preset per mixer (each with a SwiGLU FFN) ------------------------
+for _mixer in ("linear_attn", "based", "retnet", "gla"):
+    register_architecture(_mixer.replace("_", "-"), mixer_pattern=[_mixer], ffn_pattern=["swiglu"],
+                          tiny=dict(chunk_size=8))
