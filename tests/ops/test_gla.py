@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from nimblelm.ops.feature_maps import elu_plus_one
+from nimblelm.ops import gla
 from nimblelm.ops.gla import chunk_gla, naive_gla, retnet_log_decay, step_gla
 
 MODES = ["none", "scalar", "per_dim", "both"]
@@ -129,6 +130,33 @@ def test_gradcheck_chunk(normalize):
         return (o, *flat_state(final))
 
     assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("gates", ["mild", "wide", "mixed", "mixed_small_groups"])
+def test_per_dim_paths(gates, monkeypatch):
+    """Per-dim decay: one-reference chunks, sub-chunked chunks, both in one call, and groups
+    of one chunk, all equal the naive loop (outputs, states, gradients)."""
+    qkv, g, state = make_inputs("per_dim", T=70, Dk=4)
+    lo = {"mild": -0.5, "wide": -20.0}.get(gates, None)
+    if lo is None:  # first chunks mild, later ones very wide
+        lo = torch.where(torch.arange(70)[None, :, None, None] < 32, -0.5, -20.0)
+    gk = {"gk": torch.rand(g["gk"].shape, dtype=torch.float64) * lo}
+    if gates == "mixed_small_groups":
+        monkeypatch.setattr(gla, "_GROUP_ELEMENTS", 1)
+    ref, ref_grads = run_with_grads(naive_gla, qkv, gk, state)
+    got, grads = run_with_grads(chunk_gla, qkv, gk, state, chunk_size=16, sub_chunk_size=4)
+    for a, b in zip(got + grads, ref + ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_per_dim_one_reference_float32_at_the_safe_limit():
+    """A decay span just under _SAFE_RANGE per chunk (one reference point) is accurate in fp32."""
+    qkv, _, state = make_inputs("none", B=1, T=256, H=2, Dk=16, Dv=16)
+    gk = torch.full(qkv[0].shape, -0.99 * gla._SAFE_RANGE / 63, dtype=torch.float64)
+    ref, ref_grads = run_with_grads(naive_gla, qkv, {"gk": gk}, state)
+    got, grads = run_with_grads(chunk_gla, [x.float() for x in qkv], {"gk": gk.float()}, state.float())
+    for a, b in zip(got + grads, ref + ref_grads):
+        assert torch.isfinite(a).all() and rms_ratio(a.double(), b) <= 5e-3
 
 
 def parallel_oracle(q, k, v, gk, scale):

@@ -66,7 +66,8 @@ def _scale(q: Tensor, scale: float | None) -> float:
 def _log_decay(q: Tensor, g: Tensor | None, gk: Tensor | None) -> Tensor | None:
     """Combined log-decay [B, T, H, 1] (scalar) or [B, T, H, Dk] (per key dim), or None."""
     if g is not None and tuple(g.shape) != tuple(q.shape[:3]):
-        raise ValueError(f"g must have shape [B, T, H] = {tuple(q.shape[:3])}, got {tuple(g.shape)}")
+        raise ValueError(f"g must have shape [B, T, H] = {tuple(q.shape[:3])}, "
+                         f"got {tuple(g.shape)}")
     if gk is not None and gk.shape != q.shape:
         raise ValueError(f"gk must have q's shape {tuple(q.shape)}, got {tuple(gk.shape)}")
     if gk is None:
@@ -165,9 +166,11 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, gk: Tens
     """Chunkwise form: exact (up to rounding) equal of `naive_gla`, same arguments and outputs.
 
     Within a chunk the scores are dense matmuls; chunks are chained by their states.
-    With per-key-dim decay (gk) the chunk is split into sub-chunks of `sub_chunk_size`
-    (must divide chunk_size): sub-chunk pairs use a shared reference point, diagonal
-    sub-blocks use exact pairwise decays, so nothing overflows.
+    Scalar decay: exact [C, C] decay matrix exp(b_t - b_s). Per-key-dim decay (gk): a chunk
+    whose cumulative log-decay spans <= 60 uses one reference point (one matmul); a wider
+    chunk is split into sub-chunks of `sub_chunk_size` (must divide chunk_size): sub-chunk
+    pairs use the boundary between them as reference, diagonal sub-blocks exact pairwise
+    decays. No exponent ever exceeds 32, so nothing overflows.
     """
     _check_qkv(q, k, v)
     if chunk_size < 1 or chunk_size % min(sub_chunk_size, chunk_size):
@@ -192,26 +195,43 @@ def _to_chunks(x: Tensor, N: int, C: int) -> Tensor:
     return x.reshape(B, N, C, H, D).permute(0, 3, 1, 2, 4)
 
 
+_GROUP_ELEMENTS = 1 << 20  # largest intermediate of one group of chunks (4 MiB in fp32)
+
+
 def _chunk_core(q: Tensor, k: Tensor, v: Tensor, a_log: Tensor | None, S0: Tensor,
                 chunk_size: int, sub: int) -> tuple[Tensor, Tensor]:
     """q (scaled), k [B,T,H,Dk]; v [B,T,H,Dv]; a_log [B,T,H,1|Dk] or None; S0 [B,H,Dk,Dv].
     Returns (o [B,T,H,Dv], final S [B,H,Dk,Dv]). Zero padding is inert (k = 0, a = 1)."""
-    B, T, H, _ = q.shape
+    B, T, H, Dk = q.shape
     C = min(chunk_size, max(sub, math.ceil(T / sub) * sub))  # short inputs: smaller chunk
     N = math.ceil(T / C)
     qc, kc, vc = (_to_chunks(x, N, C) for x in (q, k, v))  # [B,H,N,C,D]
     b = None if a_log is None else _to_chunks(a_log, N, C).cumsum(-2)  # [B,H,N,C,1|Dk]
-    o = _intra_scores(qc, kc, b, sub) @ vc  # [B,H,N,C,Dv]
-    if b is None:
-        q_in, k_out, decay = qc, kc, None
-    else:
-        last = b[..., -1:, :]  # [B,H,N,1,1|Dk] cumulative log-decay of the whole chunk
-        q_in, k_out, decay = qc * b.exp(), kc * (last - b).exp(), last.squeeze(-2).exp()
-    U = k_out.transpose(-1, -2) @ vc  # [B,H,N,Dk,Dv] each chunk's own contribution
+    # chunks are independent here; groups of G chunks keep the intermediates in cache
+    per_dim = b is not None and b.shape[-1] > 1
+    G = max(1, _GROUP_ELEMENTS // (B * H * C * ((sub + C // sub) * Dk if per_dim else C)))
+    parts = [_chunk_local(qc[:, :, n:n + G], kc[:, :, n:n + G], vc[:, :, n:n + G],
+                          None if b is None else b[:, :, n:n + G], sub) for n in range(0, N, G)]
+    o, q_in, U = (torch.cat(x, dim=2) for x in zip(*parts))
+    # o [B,H,N,C,Dv] intra-chunk part, q_in [B,H,N,C,Dk], U [B,H,N,Dk,Dv]
+    decay = None if b is None else b[..., -1, :].exp()  # [B,H,N,1|Dk] decay over a whole chunk
     S_prev, S = _carry_states(S0, U, decay)  # [B,H,N,Dk,Dv] state entering each chunk
     o = o + q_in @ S_prev  # [B,H,N,C,Dv]
     o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, -1)[:, :T]  # [B,T,H,Dv]
     return o, S
+
+
+def _chunk_local(q: Tensor, k: Tensor, v: Tensor, b: Tensor | None,
+                 sub: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Everything inside chunks: q, k [B,H,G,C,Dk]; v [B,H,G,C,Dv]; b [B,H,G,C,1|Dk] or None.
+    Returns (intra-chunk output [B,H,G,C,Dv], q decayed from the chunk start [B,H,G,C,Dk],
+    each chunk's own state contribution U = sum_s (k_s decayed to the chunk end)^T v_s
+    [B,H,G,Dk,Dv])."""
+    o = _intra_scores(q, k, b, sub) @ v
+    if b is None:
+        return o, q, k.transpose(-1, -2) @ v
+    last = b[..., -1:, :]  # [B,H,G,1,1|Dk] cumulative log-decay of the whole chunk
+    return o, q * b.exp(), (k * (last - b).exp()).transpose(-1, -2) @ v
 
 
 def _carry_states(S0: Tensor, U: Tensor, decay: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -240,27 +260,51 @@ def _intra_scores(q: Tensor, k: Tensor, b: Tensor | None, sub: int) -> Tensor:
     return _intra_scores_per_dim(q, k, b, sub)
 
 
+# a chunk whose cumulative log-decay spans at most _SAFE_RANGE (in every key dim) is scored
+# with one reference point at the middle of that span: all exponents stay within
+# +-_SAFE_RANGE / 2 < _CLAMP, far from float32 overflow; other chunks are sub-chunked
+_SAFE_RANGE = 60.0
+_CLAMP = 32.0
+
+
 def _intra_scores_per_dim(q: Tensor, k: Tensor, b: Tensor, sub: int) -> Tensor:
+    """`_intra_scores` for per-key-dim decay: one dense matmul per chunk when the chunk's
+    decay span is small (usual gates), `_intra_scores_sub_chunked` for the other chunks."""
+    C = q.shape[-2]
+    hi, lo = b.amax(-2, keepdim=True).detach(), b.amin(-2, keepdim=True).detach()  # [B,H,N,1,Dk]
+    r = (hi + lo) / 2  # the reference point cancels exactly, hence no gradient through it
+    q_ref = q * (b - r).clamp(-_CLAMP, _CLAMP).exp()  # [B,H,N,C,Dk]
+    k_ref = k * (r - b).clamp(-_CLAMP, _CLAMP).exp()  # [B,H,N,C,Dk]
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    A = (q_ref @ k_ref.transpose(-1, -2)).masked_fill(~causal, 0.0)  # [B,H,N,C,C]
+    wide = ((hi - lo) > _SAFE_RANGE).any(-1).squeeze(-1)  # [B,H,N] chunks needing sub-chunks
+    if bool(wide.any()):  # their (clamped, finite) scores above are replaced
+        A = A.index_put((wide,), _intra_scores_sub_chunked(q[wide], k[wide], b[wide], sub))
+    return A
+
+
+def _intra_scores_sub_chunked(q: Tensor, k: Tensor, b: Tensor, sub: int) -> Tensor:
     """`_intra_scores` for per-key-dim decay, stable for any log-decay <= 0.
 
     Sub-chunk i against earlier sub-chunks: reference r_i = b just before sub-chunk i, so
     q_t exp(b_t - r_i) and k_s exp(r_i - b_s) both have exponents <= 0. Sub-chunk i against
-    itself: exact pairwise exp(b_t - b_s) over [c, c, Dk]. Shapes as in `_intra_scores`.
+    itself: exact pairwise exp(b_t - b_s) over [c, c, Dk]. q, k [..., C, Dk];
+    b [..., C, Dk]. Returns [..., C, C].
     """
     C, M = q.shape[-2], q.shape[-2] // sub
-    qs, ks, bs = (x.unflatten(-2, (M, sub)) for x in (q, k, b))  # [B,H,N,M,c,Dk]
+    qs, ks, bs = (x.unflatten(-2, (M, sub)) for x in (q, k, b))  # [...,M,c,Dk]
     r = torch.cat([torch.zeros_like(b[..., :1, :]), b[..., sub - 1:C - 1:sub, :]], dim=-2)
-    # r [B,H,N,M,Dk]: b at the last position before sub-chunk i (0 before the first)
-    q_ref = qs * (bs - r[..., None, :]).exp()  # [B,H,N,M,c,Dk]
+    # r [...,M,Dk]: b at the last position before sub-chunk i (0 before the first)
+    q_ref = qs * (bs - r[..., None, :]).exp()  # [...,M,c,Dk]
     pos = torch.arange(C, device=q.device)
     before = pos[None, :] < (pos[:M] * sub)[:, None]  # [M, C]: s lies before sub-chunk i
     e = (r[..., None, :] - b[..., None, :, :]).masked_fill(~before[..., None], -math.inf)
-    k_ref = k[..., None, :, :] * e.exp()  # [B,H,N,M,C,Dk], zero where s is not before i
-    A = (q_ref @ k_ref.transpose(-1, -2)).unflatten(-1, (M, sub))  # [B,H,N,M,c,M,c]
+    k_ref = k[..., None, :, :] * e.exp()  # [...,M,C,Dk], zero where s is not before i
+    A = (q_ref @ k_ref.transpose(-1, -2)).unflatten(-1, (M, sub))  # [...,M,c,M,c]
     tri = torch.ones(sub, sub, dtype=torch.bool, device=q.device).tril()
     d = (bs[..., :, None, :] - bs[..., None, :, :]).masked_fill(~tri[..., None], -math.inf)
-    w = d.exp() * ks[..., None, :, :]  # [B,H,N,M,c(t),c(s),Dk]
-    A_diag = (w @ qs[..., :, :, None]).squeeze(-1)  # [B,H,N,M,c,c]
+    w = d.exp() * ks[..., None, :, :]  # [...,M,c(t),c(s),Dk]
+    A_diag = (w @ qs[..., :, :, None]).squeeze(-1)  # [...,M,c,c]
     eye = torch.eye(M, dtype=q.dtype, device=q.device)
-    A = A + A_diag[..., :, :, None, :] * eye[:, None, :, None]  # [B,H,N,M,c,M,c]
-    return A.flatten(-4, -3).flatten(-2, -1)  # [B,H,N,C,C]
+    A = A + A_diag[..., :, :, None, :] * eye[:, None, :, None]  # [...,M,c,M,c]
+    return A.flatten(-4, -3).flatten(-2, -1)  # [...,C,C]
