@@ -40,3 +40,7 @@ register_architecture("mlp-attention", mixer_pattern=["attention"], ffn_pattern=
 for _mixer in ("linear_attn", "based", "retnet", "gla"):
     register_architecture(_mixer.replace("_", "-"), mixer_pattern=[_mixer], ffn_pattern=["swiglu"],
                           tiny=dict(chunk_size=8))
+
+register_architecture("mamba2", mixer_pattern=["mamba2"], ffn_pattern=["none"],
+                      tiny=dict(chunk_size=8, state_size=16, extra={"mamba_head_dim": 16}),
+                      small=dict(num_layers=12, state_size=64, extra={"mamba_head_dim": 64}))
