@@ -121,3 +121,11 @@ def test_conv_errors():
         causal_conv1d(inputs["x"], inputs["weight"], initial_state=inputs["initial_state"][..., :1])
     with pytest.raises(ValueError, match="one token"):
         step_causal_conv1d(inputs["x"], inputs["weight"])
+
+
+@pytest.mark.parametrize("fn", [causal_conv1d, naive_causal_conv1d])
+def test_conv_empty_sequence_keeps_state(fn):
+    inputs = conv_inputs(T=0)
+    y, state = fn(**inputs, output_final_state=True)
+    assert y.shape == (2, 0, 5)
+    torch.testing.assert_close(state, inputs["initial_state"])

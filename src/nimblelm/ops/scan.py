@@ -11,19 +11,20 @@ form for prefill / training and a one-token step for decoding.
 
 The chunked form splits time into chunks of ``chunk_size`` steps and works in three stages:
 
-1. *local scan*: the recurrence runs from a zero state inside every chunk, all chunks at
-   once (a loop over the ``L`` positions of a chunk, each step a tensor op over all chunks);
-2. *carry*: the chunk-start states are carried across chunks (a loop over chunks) with the
-   chunk's total log-decay ``exp(sum(log a))``;
-3. *correction*: each chunk-start state is spread over its chunk with the cumulative log-decay
-   ``exp(cumsum(log a))`` taken from the chunk start.
+1. *local ends*: the recurrence runs from a zero state inside every chunk but the last, all
+   chunks at once (a loop over the ``L`` positions of a chunk, each step one tensor op over
+   all chunks); only the state each chunk ends in is kept;
+2. *carry*: a loop over chunks, ``start_{c+1} = exp(sum_chunk_c log a) * start_c + end_c``,
+   with the chunk's total log-decay (a sum of ``log a <= 0``);
+3. *rerun*: the recurrence runs again inside every chunk at once, now from the chunk's true
+   start state, and produces the outputs and the final state.
 
-Only exponentials of non-positive numbers appear (cumulative sums of ``log a <= 0`` taken
-within a chunk), so nothing can overflow, and ``log a = -inf`` (a hard reset, ``a = 0``) is
-allowed. The Python loops run ``L + T / L`` (RG-LRU) or ``2 L + T / L`` (Mamba) times instead
-of ``T``. This beats a fully parallel in-chunk form on CPU: the Mamba decay differs per
-(channel, state) pair, so the pairwise in-chunk decay tensor would hold ``T * L * Dch * N``
-numbers, and the factored form ``exp(cs_t) * exp(-cs_s)`` overflows for strong decays.
+Only exponentials of non-positive numbers appear, so nothing can overflow and ``log a = -inf``
+(a hard reset, ``a = 0``) is allowed; inside a chunk the arithmetic is the naive loop's. The
+Python loops run ``2 L + T / L`` times instead of ``T``, each op over all chunks at once. A
+parallel in-chunk form is slower on CPU: the Mamba decay differs per (channel, state) pair,
+so the pairwise in-chunk decays ``exp(cs_t - cs_s)`` would hold ``T * L * Dch * N`` numbers,
+and the factored form ``exp(cs_t) * exp(-cs_s)`` (a matmul) overflows for strong decays.
 """
 
 from __future__ import annotations
@@ -48,24 +49,23 @@ def _chunk_layout(T: int, chunk_size: int) -> tuple[int, int, int]:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     L = max(1, min(chunk_size, T))
-    n_chunks = -(-T // L)
+    n_chunks = max(1, -(-T // L))  # T = 0 still gets one (all-padding) chunk
     return L, n_chunks, n_chunks * L - T
 
 
-def _carry_states(
-    chunk_decay: torch.Tensor, local_end: torch.Tensor, initial_state: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _carry_states(chunk_decay: torch.Tensor, local_end: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
     """Carry states across chunks.
 
-    chunk_decay, local_end: [B, C, ...] (decay over each chunk, state each chunk reaches from
-    zero). Returns (starts [B, C, ...] = state entering each chunk, final state [B, ...]).
+    chunk_decay, local_end: [B, C-1, ...] (decay over each chunk but the last, and the state
+    it ends in from a zero start); first: [B, ...] state entering chunk 0.
+    Returns starts [B, C, ...], the state entering each chunk.
     """
-    state = initial_state if initial_state is not None else torch.zeros_like(local_end[:, 0])
-    starts = []
-    for c in range(local_end.shape[1]):
+    state, starts = first, [first]
+    # unbind (not indexing) so that backward is one stack, not one full-size zero tensor per step
+    for end_c, decay_c in zip(local_end.unbind(1), chunk_decay.unbind(1)):
+        state = torch.addcmul(end_c, decay_c, state)
         starts.append(state)
-        state = torch.addcmul(local_end[:, c], chunk_decay[:, c], state)
-    return torch.stack(starts, dim=1), state
+    return torch.stack(starts, dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,11 +116,11 @@ def naive_selective_scan(
     Returns (y [B, T, Dch], final state [B, Dch, N] or None).
     """
     _check_selective(u, delta, A, Bmat, Cmat, initial_state)
-    Bsz, T, Dch = u.shape
+    Bsz, _, Dch = u.shape
     h = initial_state if initial_state is not None else u.new_zeros(Bsz, Dch, A.shape[1])
     ys = []
-    for t in range(T):
-        y_t, h = _selective_step(h, u[:, t], delta[:, t], A, Bmat[:, t], Cmat[:, t])
+    for u_t, delta_t, B_t, C_t in zip(u.unbind(1), delta.unbind(1), Bmat.unbind(1), Cmat.unbind(1)):
+        y_t, h = _selective_step(h, u_t, delta_t, A, B_t, C_t)
         ys.append(y_t)
     y = torch.stack(ys, dim=1) if ys else u.new_zeros(Bsz, 0, Dch)
     return _skip_and_gate(y, u, D, z), (h if output_final_state else None)
@@ -140,33 +140,19 @@ def step_selective_scan(u, delta, A, Bmat, Cmat, D=None, z=None, state=None):
     return _skip_and_gate(y_t[:, None], u, D, z), h
 
 
-def _selective_local(dv, xv, A, Bv, Cv):
-    """Stage 1: the S6 recurrence from a zero state inside every chunk, all chunks at once.
+def _selective_chunks(dv, xv, A, Bv, Cv, h0, with_output):
+    """The S6 recurrence inside every chunk at once, each chunk from its own start state.
 
-    dv, xv (= delta * u): [B, C, L, Dch]; A: [Dch, N]; Bv, Cv: [B, C, L, N].
-    Returns (local outputs [B, C, L, Dch], local end states [B, C, Dch, N]).
+    dv, xv (= delta * u): [B, C, L, Dch]; A: [Dch, N]; Bv, Cv: [B, C, L, N];
+    h0: [B, C, Dch, N]. Returns (outputs [B, C, L, Dch] or None, end states [B, C, Dch, N]).
     """
-    Bsz, C, L, Dch = dv.shape
-    h = dv.new_zeros(Bsz, C, Dch, A.shape[1])  # [B, C, Dch, N]
-    ys = []
-    for j in range(L):
-        decay = torch.exp(dv[:, :, j, :, None] * A)  # [B, C, Dch, N]
-        h = torch.addcmul(xv[:, :, j, :, None] * Bv[:, :, j, None, :], decay, h)
-        ys.append(torch.einsum("bcdn,bcn->bcd", h, Cv[:, :, j]))
-    return torch.stack(ys, dim=2), h
-
-
-def _selective_correction(cum_delta, A, Cv, starts):
-    """Stage 3: output contribution of the chunk-start states.
-
-    cum_delta: [B, C, L, Dch] (cumsum of delta from the chunk start, so ``cum_delta * A <= 0``);
-    Cv: [B, C, L, N]; starts: [B, C, Dch, N]. Returns [B, C, L, Dch].
-    """
-    ys = []
-    for j in range(cum_delta.shape[2]):
-        carried = torch.exp(cum_delta[:, :, j, :, None] * A) * starts  # [B, C, Dch, N]
-        ys.append(torch.einsum("bcdn,bcn->bcd", carried, Cv[:, :, j]))
-    return torch.stack(ys, dim=2)
+    h, ys = h0, []
+    for d_j, x_j, B_j, C_j in zip(dv.unbind(2), xv.unbind(2), Bv.unbind(2), Cv.unbind(2)):
+        decay = torch.exp(d_j[..., None] * A)  # [B, C, Dch, N]
+        h = torch.addcmul(x_j[..., None] * B_j[:, :, None, :], decay, h)
+        if with_output:
+            ys.append(torch.einsum("bcdn,bcn->bcd", h, C_j))
+    return (torch.stack(ys, dim=2) if with_output else None), h
 
 
 def chunk_selective_scan(
@@ -174,9 +160,9 @@ def chunk_selective_scan(
 ):
     """Chunked selective scan: same contract and result as :func:`naive_selective_scan`.
 
-    Local scan inside chunks of ``chunk_size`` steps (all chunks at once), carry across chunks
-    with ``exp(A * sum(delta))``, then correction with ``exp(A * cumsum(delta))`` (module doc).
-    Returns (y [B, T, Dch], final state [B, Dch, N] or None).
+    Chunk-local end states, carry across chunks with ``exp(A * sum_chunk(delta))``, then a
+    rerun of every chunk from its true start state (module doc). ``chunk_size``: steps per
+    chunk. Returns (y [B, T, Dch], final state [B, Dch, N] or None).
     """
     _check_selective(u, delta, A, Bmat, Cmat, initial_state)
     Bsz, T, Dch = u.shape
@@ -187,14 +173,17 @@ def chunk_selective_scan(
     xv = _pad_time(delta * u, pad).reshape(Bsz, n_chunks, L, Dch)  # [B, C, L, Dch]
     Bv = _pad_time(Bmat, pad).reshape(Bsz, n_chunks, L, N)  # [B, C, L, N]
     Cv = _pad_time(Cmat, pad).reshape(Bsz, n_chunks, L, N)  # [B, C, L, N]
-    y, local_end = _selective_local(dv, xv, A, Bv, Cv)
-    cum_delta = dv.cumsum(dim=2)  # [B, C, L, Dch]
-    chunk_decay = torch.exp(cum_delta[:, :, -1, :, None] * A)  # [B, C, Dch, N]
-    starts, final = _carry_states(chunk_decay, local_end, initial_state)
-    if initial_state is not None or n_chunks > 1:
-        y = y + _selective_correction(cum_delta, A, Cv, starts)
+    first = initial_state if initial_state is not None else u.new_zeros(Bsz, Dch, N)
+    if n_chunks > 1:
+        zeros = u.new_zeros(Bsz, n_chunks - 1, Dch, N)
+        _, local_end = _selective_chunks(dv[:, :-1], xv[:, :-1], A, Bv[:, :-1], Cv[:, :-1], zeros, False)
+        chunk_decay = torch.exp(dv[:, :-1].sum(dim=2)[..., None] * A)  # [B, C-1, Dch, N]
+        starts = _carry_states(chunk_decay, local_end, first)  # [B, C, Dch, N]
+    else:
+        starts = first[:, None]  # [B, 1, Dch, N]
+    y, ends = _selective_chunks(dv, xv, A, Bv, Cv, starts, True)
     y = y.reshape(Bsz, n_chunks * L, Dch)[:, :T]  # [B, T, Dch]
-    return _skip_and_gate(y, u, D, z), (final if output_final_state else None)
+    return _skip_and_gate(y, u, D, z), (ends[:, -1] if output_final_state else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,8 +208,8 @@ def naive_linear_recurrence(x, log_a, initial_state=None, output_final_state=Fal
     _check_recurrence(x, log_a, initial_state)
     h = initial_state if initial_state is not None else x.new_zeros(x.shape[0], x.shape[2])
     hs = []
-    for t in range(x.shape[1]):
-        h = torch.exp(log_a[:, t]) * h + x[:, t]
+    for x_t, log_a_t in zip(x.unbind(1), log_a.unbind(1)):
+        h = torch.exp(log_a_t) * h + x_t
         hs.append(h)
     out = torch.stack(hs, dim=1) if hs else x.new_zeros(x.shape)
     return out, (h if output_final_state else None)
@@ -238,11 +227,25 @@ def step_linear_recurrence(x, log_a, state=None):
     return h[:, None], h
 
 
+def _recurrence_chunks(decay, xv, h0, with_output):
+    """``h = a * h + x`` inside every chunk at once, each chunk from its own start state.
+
+    decay, xv: [B, C, L, Dch]; h0: [B, C, Dch].
+    Returns (states [B, C, L, Dch] or None, end states [B, C, Dch]).
+    """
+    h, hs = h0, []
+    for x_j, a_j in zip(xv.unbind(2), decay.unbind(2)):
+        h = torch.addcmul(x_j, a_j, h)
+        if with_output:
+            hs.append(h)
+    return (torch.stack(hs, dim=2) if with_output else None), h
+
+
 def scan_linear_recurrence(x, log_a, initial_state=None, output_final_state=False, chunk_size=64):
     """Chunked linear recurrence: same contract and result as :func:`naive_linear_recurrence`.
 
-    Local scan inside chunks (all chunks at once), carry across chunks with
-    ``exp(sum(log_a))``, correction with ``exp(cumsum(log_a))`` (module doc).
+    Chunk-local end states, carry across chunks with ``exp(sum_chunk(log_a))``, then a rerun
+    of every chunk from its true start state (module doc). ``chunk_size``: steps per chunk.
     Returns (h [B, T, Dch], final state [B, Dch] or None).
     """
     _check_recurrence(x, log_a, initial_state)
@@ -252,18 +255,17 @@ def scan_linear_recurrence(x, log_a, initial_state=None, output_final_state=Fals
     lv = _pad_time(log_a, pad).reshape(Bsz, n_chunks, L, Dch)  # [B, C, L, Dch]
     xv = _pad_time(x, pad).reshape(Bsz, n_chunks, L, Dch)  # [B, C, L, Dch]
     decay = torch.exp(lv)
-    h = xv.new_zeros(Bsz, n_chunks, Dch)  # [B, C, Dch]
-    hs = []
-    for j in range(L):
-        h = torch.addcmul(xv[:, :, j], decay[:, :, j], h)
-        hs.append(h)
-    out = torch.stack(hs, dim=2)  # [B, C, L, Dch]
-    cum_log_a = lv.cumsum(dim=2)  # [B, C, L, Dch], <= 0
-    starts, final = _carry_states(torch.exp(cum_log_a[:, :, -1]), h, initial_state)
-    if initial_state is not None or n_chunks > 1:
-        out = out + torch.exp(cum_log_a) * starts[:, :, None]
+    first = initial_state if initial_state is not None else x.new_zeros(Bsz, Dch)
+    if n_chunks > 1:
+        zeros = x.new_zeros(Bsz, n_chunks - 1, Dch)
+        _, local_end = _recurrence_chunks(decay[:, :-1], xv[:, :-1], zeros, False)
+        chunk_decay = torch.exp(lv[:, :-1].sum(dim=2))  # [B, C-1, Dch]
+        starts = _carry_states(chunk_decay, local_end, first)  # [B, C, Dch]
+    else:
+        starts = first[:, None]  # [B, 1, Dch]
+    out, ends = _recurrence_chunks(decay, xv, starts, True)
     out = out.reshape(Bsz, n_chunks * L, Dch)[:, :T]  # [B, T, Dch]
-    return out, (final if output_final_state else None)
+    return out, (ends[:, -1] if output_final_state else None)
 
 
 class _SqrtBoundDerivative(torch.autograd.Function):

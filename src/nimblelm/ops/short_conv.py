@@ -54,6 +54,8 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, out
     Returns (y [B, T, C], final state [B, C, K-1] or None).
     """
     padded = _padded_input(x, weight, initial_state)  # [B, C, K-1+T]
+    if x.shape[1] == 0:
+        return x.new_zeros(x.shape), (padded if output_final_state else None)
     y = F.conv1d(padded, weight.unsqueeze(1), bias, groups=x.shape[2])  # [B, C, T]
     y = _activate(y, activation).transpose(1, 2).contiguous()  # [B, T, C]
     return y, (_last_inputs(padded, weight.shape[1]) if output_final_state else None)
@@ -62,13 +64,15 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, out
 def naive_causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, output_final_state=False):
     """Same contract as :func:`causal_conv1d`, as an explicit loop over time (the oracle)."""
     padded = _padded_input(x, weight, initial_state)  # [B, C, K-1+T]
+    if x.shape[1] == 0:
+        return x.new_zeros(x.shape), (padded if output_final_state else None)
     K = weight.shape[1]
     ys = []
-    for t in range(x.shape[1]):
-        window = padded[:, :, t : t + K]  # [B, C, K], window[..., K-1] is x[:, t]
+    # windows[:, :, t] = inputs t-K+1 .. t; unbind keeps backward linear in T
+    for window in padded.unfold(2, K, 1).unbind(2):  # [B, C, K], window[..., K-1] is x[:, t]
         y_t = (window * weight).sum(dim=-1)  # [B, C]
         ys.append(y_t if bias is None else y_t + bias)
-    y = torch.stack(ys, dim=1) if ys else x.new_zeros(x.shape)  # [B, T, C]
+    y = torch.stack(ys, dim=1)  # [B, T, C]
     return _activate(y, activation), (_last_inputs(padded, K) if output_final_state else None)
 
 
