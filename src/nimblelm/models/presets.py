@@ -44,3 +44,9 @@ for _mixer in ("linear_attn", "based", "retnet", "gla"):
 register_architecture("mamba2", mixer_pattern=["mamba2"], ffn_pattern=["none"],
                       tiny=dict(chunk_size=8, state_size=16, extra={"mamba_head_dim": 16}),
                       small=dict(num_layers=12, state_size=64, extra={"mamba_head_dim": 64}))
+for _mixer in ("deltanet", "gated_deltanet"):
+    register_architecture(_mixer.replace("_", "-"), mixer_pattern=[_mixer], ffn_pattern=["swiglu"],
+                          tiny=dict(chunk_size=8))
+register_architecture("gated-deltanet-hybrid", ffn_pattern=["swiglu"], tiny=dict(chunk_size=8, num_layers=4),
+                      mixer_pattern=["gated_deltanet", "gated_deltanet", "gated_deltanet", "attention"],
+                      small=dict(num_layers=8))
