@@ -30,13 +30,13 @@ class ToyDiagonalSSM(RecurrentMixer):
         size = self.decay.numel()
         return {"h": (batch, size), "window": (batch, KERNEL - 1, size)}
 
-    def step(self, x, state):
+    def step(self, x, state, positions=None):
         window = torch.cat([state["window"], x], 1)  # [N, KERNEL, C]
         u = (window * self.conv.t()).sum(1)
         h = self.decay * state["h"] + torch.tanh(u)
         return self.out(h)[:, None], {"h": h, "window": window[:, 1:]}
 
-    def sequence_forward(self, x, state):
+    def sequence_forward(self, x, state, positions=None):
         if state is None:
             state = {k: x.new_zeros(s) for k, s in self.state_shapes(x.shape[0]).items()}
         ys = []

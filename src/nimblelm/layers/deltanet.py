@@ -75,14 +75,14 @@ class DeltaNet(RecurrentMixer):
             o = o * F.silu(self.gate_proj(x)).view(o.shape)
         return self.o_proj(o.flatten(2))
 
-    def sequence_forward(self, x: torch.Tensor, state: dict | None):
+    def sequence_forward(self, x: torch.Tensor, state: dict | None, positions=None):
         qkv, conv = causal_conv1d(self.qkv_proj(x), self.conv_weight, None, "silu",
                                   initial_state=None if state is None else state["conv"], output_final_state=True)
         o, S = chunk_delta_rule(**self._rule_inputs(x, qkv), initial_state=None if state is None else state["S"],
                                 output_final_state=True, chunk_size=self.chunk_size)
         return self._output(o, x), {"conv": conv, "S": S}
 
-    def step(self, x: torch.Tensor, state: dict):
+    def step(self, x: torch.Tensor, state: dict, positions=None):
         qkv, conv = step_causal_conv1d(self.qkv_proj(x), self.conv_weight, None, "silu", state=state["conv"])
         o, S = step_delta_rule(**self._rule_inputs(x, qkv), state=state["S"])
         return self._output(o, x), {"conv": conv, "S": S}

@@ -94,12 +94,12 @@ class LinearAttentionMixer(RecurrentMixer):
             o = self.head_norm(o) * gate
         return self.o_proj(o.flatten(2))
 
-    def sequence_forward(self, x: torch.Tensor, state: dict | None):
+    def sequence_forward(self, x: torch.Tensor, state: dict | None, positions=None):
         o, final = chunk_gla(**self._inputs(x), initial_state=self._op_state(state), output_final_state=True,
                              chunk_size=self.chunk_size)
         return self._output(o, x), self._state_dict(final)
 
-    def step(self, x: torch.Tensor, state: dict):
+    def step(self, x: torch.Tensor, state: dict, positions=None):
         o, new = step_gla(**self._inputs(x), state=self._op_state(state))
         return self._output(o, x), self._state_dict(new)
 

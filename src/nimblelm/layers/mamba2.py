@@ -89,7 +89,7 @@ class Mamba2(RecurrentMixer):
         y = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(2)
         return self.out_proj(y * self.norm_weight)
 
-    def sequence_forward(self, x: torch.Tensor, state: dict | None):
+    def sequence_forward(self, x: torch.Tensor, state: dict | None, positions=None):
         z, xBC, dt = self._split(x)
         xBC, conv = causal_conv1d(xBC, self.conv_weight, self.conv_bias, "silu",
                                   initial_state=None if state is None else state["conv"], output_final_state=True)
@@ -98,7 +98,7 @@ class Mamba2(RecurrentMixer):
                            chunk_size=self.chunk_size)
         return self._output(o, inputs["v"], z), {"conv": conv, "ssm": ssm}
 
-    def step(self, x: torch.Tensor, state: dict):
+    def step(self, x: torch.Tensor, state: dict, positions=None):
         z, xBC, dt = self._split(x)
         xBC, conv = step_causal_conv1d(xBC, self.conv_weight, self.conv_bias, "silu", state=state["conv"])
         inputs = self._ssd_inputs(xBC, dt)

@@ -50,3 +50,16 @@ for _mixer in ("deltanet", "gated_deltanet"):
 register_architecture("gated-deltanet-hybrid", ffn_pattern=["swiglu"], tiny=dict(chunk_size=8, num_layers=4),
                       mixer_pattern=["gated_deltanet", "gated_deltanet", "gated_deltanet", "attention"],
                       small=dict(num_layers=8))
+register_architecture("mamba", mixer_pattern=["mamba"], ffn_pattern=["none"],
+                      tiny=dict(chunk_size=8), small=dict(num_layers=12))
+register_architecture("rglru", mixer_pattern=["rglru"], ffn_pattern=["swiglu"], tiny=dict(chunk_size=8))
+# Griffin: 2 RG-LRU blocks : 1 local attention, GeGLU MLPs (Gemma conventions as in RecurrentGemma)
+register_architecture("griffin", mixer_pattern=["rglru", "rglru", "local_attention"], ffn_pattern=["swiglu"],
+                      hidden_act="gelu_tanh", tiny=dict(chunk_size=8, num_layers=3, sliding_window=8),
+                      small=dict(num_layers=6, sliding_window=512))
+# Jamba: attention:Mamba 1:7 in blocks of 8, MoE every other layer, top-2 of 16 experts
+register_architecture("jamba", mixer_pattern=["mamba"] * 4 + ["attention"] + ["mamba"] * 3,
+                      ffn_pattern=["swiglu", "moe"], num_experts=16, experts_top_k=2,
+                      tiny=dict(chunk_size=8, num_layers=8, hidden_size=32, intermediate_size=64),
+                      small=dict(num_layers=8, hidden_size=256, num_heads=4, intermediate_size=512,
+                                 moe_intermediate_size=256))
