@@ -63,3 +63,8 @@ register_architecture("jamba", mixer_pattern=["mamba"] * 4 + ["attention"] + ["m
                       tiny=dict(chunk_size=8, num_layers=8, hidden_size=32, intermediate_size=64),
                       small=dict(num_layers=8, hidden_size=256, num_heads=4, intermediate_size=512,
                                  moe_intermediate_size=256))
+register_architecture("short-conv", mixer_pattern=["short_conv"], ffn_pattern=["swiglu"])
+# Based: gated short convolutions, Taylor linear attention and exact sliding-window attention
+register_architecture("based-hybrid", mixer_pattern=["short_conv", "based", "local_attention"],
+                      ffn_pattern=["swiglu"], tiny=dict(num_layers=3, chunk_size=8, sliding_window=8),
+                      small=dict(num_layers=6, sliding_window=64))
