@@ -299,6 +299,10 @@ def rglru_gates(x, gate_x, gate_a, a_param, c=8.0, reset=None):
       gate is 0: there ``log_a = -inf`` so the previous state is dropped;
     * ``normalized_x = (x * i_t) * multiplier``.
 
+    Pass ``reset`` for parity with transformers: without it the first token of a fresh sequence
+    is scaled by ``sqrt(1 - a_t^2)`` too. transformers accumulates the scan in float32 whatever
+    the input dtype; here every step stays in the input dtype (float32 or float64).
+
     Returns (normalized_x [B, T, Dch], log_a [B, T, Dch]) for :func:`scan_linear_recurrence`.
     """
     input_gate = torch.sigmoid(gate_x)
