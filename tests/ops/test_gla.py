@@ -142,7 +142,7 @@ def test_per_dim_paths(gates, monkeypatch):
         lo = torch.where(torch.arange(70)[None, :, None, None] < 32, -0.5, -20.0)
     gk = {"gk": torch.rand(g["gk"].shape, dtype=torch.float64) * lo}
     if gates == "mixed_small_groups":
-        monkeypatch.setattr(gla, "_GROUP_ELEMENTS", 1)
+        monkeypatch.setattr(gla, "_GROUP_ELEMENTS", 1)  # one wide chunk per group
     ref, ref_grads = run_with_grads(naive_gla, qkv, gk, state)
     got, grads = run_with_grads(chunk_gla, qkv, gk, state, chunk_size=16, sub_chunk_size=4)
     for a, b in zip(got + grads, ref + ref_grads):
