@@ -288,3 +288,6 @@ class HFTarget:
             cache.past, cache.mask, cache.length = out.past_key_values, attention_mask, past_len + n
         logits = out.logits[:, -logits_to_keep:] if logits_to_keep else out.logits
         return _HFOutput(logits=logits, hidden=out.hidden_states[-1])
+
+
+from . import hf_recurrent  # noqa: E402,F401  (registers the Mamba, Mamba-2 and RecurrentGemma converters)
