@@ -10,7 +10,7 @@ import sys
 from . import __version__
 from .errors import NimbleError
 
-BENCH_SUITES = {"decode": "nimblelm.bench.decode"}
+BENCH_SUITES = {"decode": "nimblelm.bench.decode", "mixers": "nimblelm.bench.mixers", "spec": "nimblelm.bench.spec"}
 
 
 def _build_parser() -> argparse.ArgumentParser:
