@@ -15,8 +15,10 @@ The decay a_t = exp(log-decay) is given in log space, and selects the family:
     both              the log-decays add: a_t = exp(g_t + gk_t)
 
 Log-decays must be finite and <= 0; decay near 0 (gk down to about -20 per step and
-beyond) and near 1 are both safe in float32 over T = 8192: inside a chunk only
-differences of cumulative log-decays that are <= 0 are ever exponentiated.
+beyond) and near 1 are both safe in float32 over T = 8192: log-decays are summed only
+inside a chunk, and only differences of them with exponents in [-44, 44] are ever
+exponentiated (see `chunk_gla`). A product of decays below 1e-19 (float32; 1e-154 in
+float64) may be rounded up to that value in `chunk_gla`, far below rounding error.
 
 Optional normaliser (`normalize=True`, Katharopoulos linear attention, Based):
 
