@@ -7,6 +7,13 @@ import torch.nn.functional as F
 from nimblelm.ops.delta import chunk_delta_rule, naive_delta_rule, step_delta_rule
 
 
+def assert_close(actual, expected, atol, rtol, msg=""):
+    """Like torch.testing.assert_close, without its multi-second first-call import cost."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, msg
+    err = (actual - expected).abs() - (atol + rtol * expected.abs())
+    assert err.max() <= 0, f"{msg}: max abs diff {(actual - expected).abs().max().item():.3e}"
+
+
 def make_inputs(B=2, T=37, H=2, Dk=8, Dv=6, dtype=torch.float64, gated=True, seed=0,
                 g_range=(-3.0, 0.0)):
     """Inputs with L2-normalised q, k, beta in (0,1), log-decay g <= 0, a random h0."""
@@ -66,11 +73,11 @@ def test_forms_agree_float64(form, T, chunk_size, gated):
     o_ref, S_ref, g_ref = outputs_and_grads("naive", x)
     kw = {"chunk_size": chunk_size} if form == "chunk" else {}
     o, S, grads = outputs_and_grads(form, x, **kw)
-    torch.testing.assert_close(o, o_ref, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(S, S_ref, atol=1e-10, rtol=1e-10)
+    assert_close(o, o_ref, atol=1e-10, rtol=1e-10)
+    assert_close(S, S_ref, atol=1e-10, rtol=1e-10)
     assert grads.keys() == g_ref.keys()
     for name in g_ref:
-        torch.testing.assert_close(grads[name], g_ref[name], atol=1e-10, rtol=1e-10, msg=name)
+        assert_close(grads[name], g_ref[name], atol=1e-10, rtol=1e-10, msg=name)
 
 
 @pytest.mark.parametrize("gated", [True, False])
@@ -91,11 +98,11 @@ def test_scale_and_no_initial_state():
     x["initial_state"] = None
     o_ref, S_ref = naive_delta_rule(**x, scale=0.37, output_final_state=True)
     o, S = chunk_delta_rule(**x, scale=0.37, output_final_state=True, chunk_size=8)
-    torch.testing.assert_close(o, o_ref, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(S, S_ref, atol=1e-12, rtol=1e-12)
+    assert_close(o, o_ref, atol=1e-12, rtol=1e-12)
+    assert_close(S, S_ref, atol=1e-12, rtol=1e-12)
     # scale multiplies the output only
     o1, _ = naive_delta_rule(**x, scale=1.0)
-    torch.testing.assert_close(o_ref, 0.37 * o1, atol=1e-12, rtol=1e-12)
+    assert_close(o_ref, 0.37 * o1, atol=1e-12, rtol=1e-12)
     assert chunk_delta_rule(**x)[1] is None
 
 
@@ -110,8 +117,8 @@ def test_state_carry(form):
     o1, S1 = fn(**first, output_final_state=True, **kw)
     second = {n: t[:, t1:] for n, t in x.items() if n != "initial_state"}
     o2, S2 = fn(**second, initial_state=S1, output_final_state=True, **kw)
-    torch.testing.assert_close(torch.cat([o1, o2], dim=1), o_full, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(S2, S_full, atol=1e-10, rtol=1e-10)
+    assert_close(torch.cat([o1, o2], dim=1), o_full, atol=1e-10, rtol=1e-10)
+    assert_close(S2, S_full, atol=1e-10, rtol=1e-10)
 
 
 def test_prefill_then_decode():
@@ -121,8 +128,8 @@ def test_prefill_then_decode():
     o_pre, state = chunk_delta_rule(**pre, output_final_state=True, chunk_size=16)
     rest = {n: t[:, 10:] for n, t in x.items() if n != "initial_state"}
     o_dec, state = run_steps({**rest, "initial_state": state})
-    torch.testing.assert_close(torch.cat([o_pre, o_dec], 1), o_full, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(state, S_full, atol=1e-10, rtol=1e-10)
+    assert_close(torch.cat([o_pre, o_dec], 1), o_full, atol=1e-10, rtol=1e-10)
+    assert_close(state, S_full, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("form", ["naive", "chunk"])
