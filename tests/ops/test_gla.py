@@ -11,6 +11,13 @@ from nimblelm.ops.feature_maps import elu_plus_one
 from nimblelm.ops import gla
 from nimblelm.ops.gla import chunk_gla, naive_gla, retnet_log_decay, step_gla
 
+
+def assert_close(a, b, rtol=1e-10, atol=1e-10):
+    """Like torch.testing.assert_close (whose first call costs seconds of imports)."""
+    assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
+    assert torch.allclose(a, b, rtol=rtol, atol=atol), f"max abs diff {(a - b).abs().max():.3g}"
+
+
 MODES = ["none", "scalar", "per_dim", "both"]
 
 
@@ -72,14 +79,14 @@ def rms_ratio(a, b):
 def test_naive_chunk_step_agree_float64(mode, normalize):
     qkv, gates, state = make_inputs(mode, normalize=normalize)
     ref, ref_grads = run_with_grads(naive_gla, qkv, gates, state, normalize=normalize)
-    for cs, sub in [(16, 4), (64, 16), (8, 8)]:
+    for cs, sub in [(16, 4), (64, 8)]:
         got, grads = run_with_grads(chunk_gla, qkv, gates, state, normalize=normalize,
                                     chunk_size=cs, sub_chunk_size=sub)
         for a, b in zip(got + grads, ref + ref_grads):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+            assert_close(a, b, rtol=1e-10, atol=1e-10)
     o, final = run_steps(qkv, gates, state, normalize=normalize)
     for a, b in zip([o, *flat_state(final)], ref):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -107,14 +114,14 @@ def test_state_carry_and_decode(mode, normalize):
     o2, s2 = chunk_gla(*(head(x, t1, None) for x in qkv),
                        **{n: head(x, t1, None) for n, x in gates.items()},
                        initial_state=s1, output_final_state=True, **kw)
-    torch.testing.assert_close(torch.cat([o1, o2], 1), o_full, rtol=1e-10, atol=1e-10)
+    assert_close(torch.cat([o1, o2], 1), o_full, rtol=1e-10, atol=1e-10)
     for a, b in zip(flat_state(s2), flat_state(s_full)):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        assert_close(a, b, rtol=1e-10, atol=1e-10)
     o3, s3 = run_steps([head(x, t1, None) for x in qkv],
                        {n: head(x, t1, None) for n, x in gates.items()}, s1, normalize=normalize)
-    torch.testing.assert_close(o3, o_full[:, t1:], rtol=1e-10, atol=1e-10)
+    assert_close(o3, o_full[:, t1:], rtol=1e-10, atol=1e-10)
     for a, b in zip(flat_state(s3), flat_state(s_full)):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -146,7 +153,7 @@ def test_per_dim_paths(gates, monkeypatch):
     ref, ref_grads = run_with_grads(naive_gla, qkv, gk, state)
     got, grads = run_with_grads(chunk_gla, qkv, gk, state, chunk_size=16, sub_chunk_size=4)
     for a, b in zip(got + grads, ref + ref_grads):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_per_dim_one_reference_float32_at_the_safe_limit():
@@ -172,7 +179,7 @@ def test_per_dim_matches_materialised_oracle():
     """fla's naive_recurrent_gla semantics: decay before adding k_t v_t, o_t = scale q_t S_t."""
     qkv, gates, _ = make_inputs("per_dim", T=30, gate_scale=1.0)
     o, _ = chunk_gla(*qkv, gk=gates["gk"], chunk_size=8, sub_chunk_size=4)
-    torch.testing.assert_close(o, parallel_oracle(*qkv, gates["gk"], 8 ** -0.5), rtol=1e-10, atol=1e-10)
+    assert_close(o, parallel_oracle(*qkv, gates["gk"], 8 ** -0.5), rtol=1e-10, atol=1e-10)
 
 
 def test_ssd_quadratic_form():
@@ -187,17 +194,17 @@ def test_ssd_quadratic_form():
     L = (cs[:, :, None] - cs[:, None, :]).exp() * torch.ones(T, T, dtype=torch.bool).tril()[..., None]
     y_ref = torch.einsum("btsh,bthn,bshn,bshp->bthp", L, C, Bm, x * dt[..., None])
     y, _ = chunk_gla(C, Bm * dt[..., None], x, g=g, scale=1.0, chunk_size=16)
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
 
 
 def test_retnet_log_decay_values():
     gamma = retnet_log_decay(4, torch.float64).exp()
-    torch.testing.assert_close(gamma, 1 - 2.0 ** -torch.arange(5, 9, dtype=torch.float64))
+    assert_close(gamma, 1 - 2.0 ** -torch.arange(5, 9, dtype=torch.float64))
     qkv, _, state = make_inputs("none", T=20)
     g = retnet_log_decay(2, torch.float64).expand(2, 20, 2)
     o1, _ = naive_gla(*qkv, g=g, initial_state=state)
     o2, _ = chunk_gla(*qkv, g=g, initial_state=state, chunk_size=8)
-    torch.testing.assert_close(o1, o2, rtol=1e-10, atol=1e-10)
+    assert_close(o1, o2, rtol=1e-10, atol=1e-10)
 
 
 def test_normalized_linear_attention_closed_form():
@@ -207,7 +214,7 @@ def test_normalized_linear_attention_closed_form():
     o, _ = chunk_gla(q, k, v, scale=1.0, normalize=True, eps=0.0, chunk_size=8)
     A = torch.einsum("bthd,bshd->bhts", q, k) * torch.ones(25, 25, dtype=torch.bool).tril()
     ref = torch.einsum("bhts,bshv->bthv", A, v) / A.sum(-1).transpose(1, 2)[..., None]
-    torch.testing.assert_close(o, ref, rtol=1e-10, atol=1e-10)
+    assert_close(o, ref, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("mode", ["scalar", "per_dim"])
