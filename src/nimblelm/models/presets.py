@@ -68,3 +68,6 @@ register_architecture("short-conv", mixer_pattern=["short_conv"], ffn_pattern=["
 register_architecture("based-hybrid", mixer_pattern=["short_conv", "based", "local_attention"],
                       ffn_pattern=["swiglu"], tiny=dict(num_layers=3, chunk_size=8, sliding_window=8),
                       small=dict(num_layers=6, sliding_window=64))
+for _mixer in ("ttt_linear", "ttt_mlp"):
+    register_architecture(_mixer.replace("_", "-"), mixer_pattern=[_mixer], ffn_pattern=["swiglu"],
+                          tiny=dict(extra={"ttt_mini_batch": 4}))
