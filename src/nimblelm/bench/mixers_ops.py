@@ -1,0 +1,155 @@
+"""Ops-level forms of each mixer for ``nimblelm bench mixers``: the layer's projected op
+inputs, its fast op and naive (oracle loop) op on them, and the analytic FLOP count of the
+chunkwise form.
+
+FLOPs (:func:`chunk_flops`) count the matmuls of the chunk form as it computes them (dense
+C x C blocks, masked afterwards), 2 FLOPs per multiply-add, per batch row, head and chunk;
+elementwise work (decays, masks, feature maps, normalisers) is not counted:
+
+* gated linear attention (``chunk_gla``: linear_attn, based, retnet, gla, mamba2), key size
+  Dk, value size Dv (+1 with the normaliser, which rides along as a value column):
+  ``2 C^2 Dk`` (scores q k^T) + ``2 C^2 Dv`` (scores @ v) + ``2 C Dk Dv`` (the chunk's state
+  contribution k^T v) + ``2 C Dk Dv`` (inter-chunk output q S) = ``2 C^2 (Dk + Dv) + 4 C Dk Dv``.
+  C is the chunk size the op actually uses (shorter inputs get a smaller chunk). Chunks of the
+  per-key-dim decay (gla) whose decay spans more than 60 in log space are recomputed in
+  sub-chunks; that extra work is not counted.
+* delta rule (``chunk_delta_rule``: deltanet, gated_deltanet): ``2 C^2 Dk`` (k k^T) +
+  ``C^2 (Dk + Dv)`` (unit-triangular solve for [u, w]) + ``2 C^2 Dk`` (q k^T) + ``2 C^2 Dv``
+  (attn @ d) + ``6 C Dk Dv`` (w S, q S, k^T d) = ``C^2 (5 Dk + 3 Dv) + 6 C Dk Dv``.
+* selective scan / RG-LRU / short conv: elementwise scans, no matmul; TTT: not counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..layers.deltanet import DeltaNet
+from ..layers.linear_attention import LinearAttentionMixer
+from ..layers.mamba import Mamba
+from ..layers.mamba2 import Mamba2
+from ..layers.rglru import RGLRUBlock
+from ..layers.short_conv import ShortConv
+from ..ops import delta, gla, scan, short_conv
+
+GLA_FORMULA = "B*H*ceil(T/C)*(2*C^2*(Dk+Dv) + 4*C*Dk*Dv)"
+DELTA_FORMULA = "B*H*ceil(T/C)*(C^2*(5*Dk+3*Dv) + 6*C*Dk*Dv)"
+
+
+@dataclass
+class OpForms:
+    family: str
+    fast_name: str
+    naive_name: str
+    fast: Callable[[], Any]
+    naive: Callable[[], Any]
+    naive_warmup: Callable[[], Any]
+    flops: int | None = None
+    flops_formula: str | None = None
+
+
+def gla_chunk_len(T: int, chunk_size: int, sub_chunk_size: int = 16) -> int:
+    """The chunk length ``chunk_gla`` uses for T tokens (mirrors ``ops.gla._chunk_core``)."""
+    sub = min(sub_chunk_size, chunk_size)
+    return min(chunk_size, max(sub, math.ceil(T / sub) * sub))
+
+
+def chunk_flops(family: str, B: int, T: int, H: int, Dk: int, Dv: int, chunk_size: int) -> int:
+    """Matmul FLOPs of the chunk form of ``family`` ("gla" or "delta"); module doc has the formulas."""
+    if family == "gla":
+        C = gla_chunk_len(T, chunk_size)
+        return B * H * math.ceil(T / C) * (2 * C * C * (Dk + Dv) + 4 * C * Dk * Dv)
+    if family == "delta":
+        C = max(1, min(chunk_size, T))
+        return B * H * math.ceil(T / C) * (C * C * (5 * Dk + 3 * Dv) + 6 * C * Dk * Dv)
+    raise ValueError(f"no FLOP formula for family {family!r}")
+
+
+# -- op inputs of each layer family (x [1, T, hidden] -> the op's keyword arguments) ----------------
+def _gla_inputs(layer, x, positions) -> dict:
+    if isinstance(layer, Mamba2):
+        _, xBC, dt = layer._split(x)
+        xBC, _ = short_conv.causal_conv1d(xBC, layer.conv_weight, layer.conv_bias, "silu")
+        return layer._ssd_inputs(xBC, dt)
+    return layer._inputs(x)
+
+
+def _scan_inputs(layer, x, positions) -> dict:
+    u, z = layer.in_proj(x).chunk(2, dim=-1)
+    u, _ = short_conv.causal_conv1d(u, layer.conv_weight, layer.conv_bias, "silu")
+    return layer._scan_inputs(u, z)
+
+
+def _rglru_inputs(layer, x, positions) -> dict:
+    u, _ = short_conv.causal_conv1d(layer.linear_x(x), layer.conv_weight, layer.conv_bias, None)
+    normalized, log_a = layer._gates(u, positions)
+    return dict(x=normalized, log_a=log_a)
+
+
+def _delta_inputs(layer, x, positions) -> dict:
+    qkv, _ = short_conv.causal_conv1d(layer.qkv_proj(x), layer.conv_weight, None, "silu")
+    return layer._rule_inputs(x, qkv)
+
+
+def _conv_inputs(layer, x, positions) -> dict:
+    return dict(x=x, weight=layer.conv_weight, bias=layer.conv_bias)
+
+
+# class -> (family, inputs builder, fast op, naive op, keyword arguments of the fast op only)
+_FAMILIES: list[tuple[type, str, Callable, Callable, Callable, Callable[[Any], dict]]] = [
+    (LinearAttentionMixer, "gla", _gla_inputs, gla.chunk_gla, gla.naive_gla, lambda l: {"chunk_size": l.chunk_size}),
+    (Mamba2, "gla", _gla_inputs, gla.chunk_gla, gla.naive_gla, lambda l: {"chunk_size": l.chunk_size}),
+    (Mamba, "selective_scan", _scan_inputs, scan.chunk_selective_scan, scan.naive_selective_scan,
+     lambda l: {"chunk_size": l.chunk_size}),
+    (RGLRUBlock, "linear_recurrence", _rglru_inputs, scan.scan_linear_recurrence, scan.naive_linear_recurrence,
+     lambda l: {"chunk_size": l.chunk_size}),
+    (DeltaNet, "delta", _delta_inputs, delta.chunk_delta_rule, delta.naive_delta_rule,
+     lambda l: {"chunk_size": l.chunk_size}),
+    (ShortConv, "short_conv", _conv_inputs, short_conv.causal_conv1d, short_conv.naive_causal_conv1d, lambda l: {}),
+]
+
+
+def _flops(family: str, inputs: dict, chunk_size: int) -> int | None:
+    if family not in ("gla", "delta"):
+        return None
+    B, T, H, Dk = inputs["q"].shape
+    Dv = inputs["v"].shape[-1] + (1 if inputs.get("normalize") else 0)
+    return chunk_flops(family, B, T, H, Dk, Dv, chunk_size)
+
+
+def _ttt_family(layer):
+    """TTT-Linear / TTT-MLP layers (recognised by their ``dual_form`` op and ``_op_args``)."""
+    from ..ops import ttt
+
+    naive_op = getattr(ttt, "naive_" + layer.dual_form.__name__)
+    return "ttt", lambda lay, x, positions: lay._op_args(x), layer.dual_form, naive_op, lambda lay: {}
+
+
+def _family(layer: torch.nn.Module):
+    for cls, *rest in _FAMILIES:
+        if isinstance(layer, cls):
+            return tuple(rest)
+    if hasattr(layer, "dual_form") and hasattr(layer, "_op_args"):
+        return _ttt_family(layer)
+    return None
+
+
+def op_forms(layer: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor) -> OpForms | None:
+    """The fast and naive op of ``layer``'s family on the op inputs of ``x`` [1, T, hidden]
+    (computed once, outside the timed calls), or None for a mixer without an ops-level oracle."""
+    found = _family(layer)
+    if found is None:
+        return None
+    family, build, fast_op, naive_op, fast_kwargs = found
+    inputs = build(layer, x, positions)
+    short = build(layer, x[:, :8], positions[:, :8])
+    extra = fast_kwargs(layer)
+    flops = _flops(family, inputs, extra.get("chunk_size", 0))
+    return OpForms(family=family, fast_name=fast_op.__name__, naive_name=naive_op.__name__,
+                   fast=lambda: fast_op(**inputs, **extra, output_final_state=True),
+                   naive=lambda: naive_op(**inputs, output_final_state=True),
+                   naive_warmup=lambda: naive_op(**short, output_final_state=True), flops=flops,
+                   flops_formula={"gla": GLA_FORMULA, "delta": DELTA_FORMULA}.get(family))
