@@ -79,48 +79,48 @@ def step_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | N
 
 
 def _safe_exp(x: Tensor, mask: Tensor | None = None) -> Tensor:
-    """exp(x) for x <= 0, with entries outside `mask` and below half the log of the
-    smallest normal float set to exactly 0 (~1e-19 in fp32): denormals slow CPUs 3-4x,
-    and such terms are far below the dtype's resolution next to O(1) ones."""
-    drop = x < 0.5 * math.log(torch.finfo(x.dtype).tiny)
+    """exp(x) for x <= 0, with x first clamped at half the log of the smallest normal
+    float (exp >= ~1e-19 in fp32, ~1e-154 in fp64: far below the dtype's resolution next
+    to O(1) terms, and no denormals, which slow CPUs 3-4x); 0 outside `mask`."""
+    x = x.clamp_min(0.5 * math.log(torch.finfo(x.dtype).tiny))
     if mask is not None:
-        drop = drop | ~mask
-    return x.masked_fill(drop, float("-inf")).exp()
+        x = x.masked_fill(~mask, float("-inf"))
+    return x.exp()
 
 
 def _to_chunks(x: Tensor, pad: int, C: int) -> Tensor:
-    """[B,T,H,*D] -> [B,H,N,C,*D], zero-padding T at the end by `pad` steps."""
-    x = x.movedim(2, 1)  # [B,H,T,*D]
+    """[B,T,H,*D] -> [N,B,H,C,*D] (chunk index first), zero-padding T by `pad` steps."""
     if pad:
-        x = torch.cat([x, x.new_zeros(*x.shape[:2], pad, *x.shape[3:])], dim=2)
-    N = x.shape[2] // C
-    return x.reshape(*x.shape[:2], N, C, *x.shape[3:])  # [B,H,N,C,*D]
+        x = torch.cat([x, x.new_zeros(x.shape[0], pad, *x.shape[2:])], dim=1)
+    B, T, H = x.shape[:3]
+    x = x.reshape(B, T // C, C, H, *x.shape[3:])  # [B,N,C,H,*D]
+    return x.transpose(2, 3).movedim(1, 0).contiguous()  # [N,B,H,C,*D]
 
 
 def _chunk_terms(q, k, v, beta, g, scale):
     """Everything that does not depend on the carried state, for all chunks at once.
 
-    Inputs in chunk layout: q, k [B,H,N,C,Dk], v [B,H,N,C,Dv], beta, g [B,H,N,C].
+    Inputs in chunk layout: q, k [N,B,H,C,Dk], v [N,B,H,C,Dv], beta, g [N,B,H,C].
     Within a chunk with cumulative log-decay gam_i, the delta-rule corrections
     d_i = beta_i (v_i - a_i S_{i-1}^T k_i) solve (I + A) d = beta V - beta Gamma K S_0
     with A_ij = beta_i (k_i . k_j) exp(gam_i - gam_j) for j < i, so d = u - w S_0.
     """
     C = q.shape[-2]
-    gam = g.cumsum(-1)  # [B,H,N,C]
-    diff = gam[..., :, None] - gam[..., None, :]  # gam_i - gam_j, [B,H,N,C,C]
+    gam = g.cumsum(-1)  # [N,B,H,C]
+    diff = gam[..., :, None] - gam[..., None, :]  # gam_i - gam_j, [N,B,H,C,C]
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     # mask BEFORE exp: the upper triangle holds large positive differences
-    decay = _safe_exp(diff, causal)  # [B,H,N,C,C], <= 1
-    A = (beta[..., None] * (k @ k.transpose(-1, -2)) * decay).tril(-1)  # [B,H,N,C,C]
+    decay = _safe_exp(diff, causal)  # [N,B,H,C,C], <= 1
+    A = (((beta[..., None] * k) @ k.transpose(-1, -2)) * decay).tril(-1)  # [N,B,H,C,C]
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
-    gam_exp = _safe_exp(gam)  # decay from the chunk start, [B,H,N,C]
+    gam_exp = _safe_exp(gam)  # decay from the chunk start, [N,B,H,C]
     rhs = torch.cat([beta[..., None] * v, (beta * gam_exp)[..., None] * k], dim=-1)
     sol = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
-    u, w = sol.split([v.shape[-1], k.shape[-1]], dim=-1)  # [B,H,N,C,Dv], [B,H,N,C,Dk]
-    attn = (q @ k.transpose(-1, -2)) * decay * scale  # [B,H,N,C,C], lower incl. diag
-    q_in = q * (gam_exp * scale)[..., None]  # reads S_0, [B,H,N,C,Dk]
-    k_out = k * _safe_exp(gam[..., -1:] - gam)[..., None]  # writes S_C, [B,H,N,C,Dk]
-    chunk_decay = gam_exp[..., -1]  # [B,H,N]
+    u, w = sol.split([v.shape[-1], k.shape[-1]], dim=-1)  # [N,B,H,C,Dv], [N,B,H,C,Dk]
+    attn = ((q * scale) @ k.transpose(-1, -2)) * decay  # [N,B,H,C,C], lower incl. diag
+    q_in = q * (gam_exp * scale)[..., None]  # reads S_0, [N,B,H,C,Dk]
+    k_out = k * _safe_exp(gam[..., -1:] - gam)[..., None]  # writes S_C, [N,B,H,C,Dk]
+    chunk_decay = gam_exp[..., -1]  # [N,B,H]
     return u, w, attn, q_in, k_out, chunk_decay
 
 
@@ -139,16 +139,14 @@ def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | 
     pad = (-T) % C
     if g is None:
         g = beta.new_zeros(beta.shape)
-    qc, kc, vc = (_to_chunks(x, pad, C) for x in (q, k, v))  # [B,H,N,C,D]
-    bc, gc = (_to_chunks(x.to(q.dtype), pad, C) for x in (beta, g))  # [B,H,N,C]
-    terms = _chunk_terms(qc, kc, vc, bc, gc, scale)
-    # chunk index first so that each chunk's slices are contiguous: [N,B,H,...]
-    u, w, attn, q_in, k_out, chunk_decay = (x.movedim(2, 0).contiguous() for x in terms)
+    qc, kc, vc = (_to_chunks(x, pad, C) for x in (q, k, v))  # [N,B,H,C,D]
+    bc, gc = (_to_chunks(x.to(q.dtype), pad, C) for x in (beta, g))  # [N,B,H,C]
+    u, w, attn, q_in, k_out, chunk_decay = _chunk_terms(qc, kc, vc, bc, gc, scale)
     outs = []
     for n in range(u.shape[0]):
         d = u[n] - w[n] @ S  # [B,H,C,Dv]
         outs.append(q_in[n] @ S + attn[n] @ d)  # [B,H,C,Dv]
         S = chunk_decay[n, ..., None, None] * S + k_out[n].transpose(-1, -2) @ d
-    o = torch.stack(outs, dim=2)  # [B,H,N,C,Dv]
-    o = o.reshape(B, H, -1, o.shape[-1])[:, :, :T].movedim(1, 2)  # [B,T,H,Dv]
+    o = torch.stack(outs, dim=1)  # [B,N,H,C,Dv]
+    o = o.transpose(2, 3).reshape(B, -1, H, o.shape[-1])[:, :T]  # [B,T,H,Dv]
     return o, (S if output_final_state else None)
