@@ -1,6 +1,7 @@
 """Lossless speculative decoding: draft trees, verification, drafters and the strategies."""
 
 from . import strategies  # noqa: F401  (registers the strategies with generate)
+from . import strategy_tree  # noqa: F401  (registers strategy 'tree')
 from .tree import DraftTree
 from .verify import VerifyResult, verify
 
