@@ -469,10 +469,16 @@ def _flops_table(results: dict[str, Any]) -> list[str]:
 
 def format_tables(results: dict[str, Any]) -> str:
     m, s = results["machine"], results["settings"]
-    lines = [f"CPU: {m['cpu_model']} | torch {m['torch']} threads {m['torch_threads']} | load at start "
-             f"{m['loadavg_start']} end {m.get('loadavg_end')}",
+    load = {k: "n/a" if m.get(k) is None else " ".join(f"{v:.2f}" for v in m[k])
+            for k in ("loadavg_start", "loadavg_end")}
+    lines = [f"CPU: {m['cpu_model']} | torch {m['torch']} threads {m['torch_threads']} | load (1/5/15 min) at start "
+             f"{load['loadavg_start']}, end {load['loadavg_end']}",
              f"one layer, fp32, batch 1, hidden {s['hidden_size']}, {s['num_heads']} heads, chunk {s['chunk_size']}, "
              f"window {s['window']}, median of {s['repeats']} after 1 warm-up, no_grad", ""]
+    start, end = (m.get("loadavg_start") or [0])[0], (m.get("loadavg_end") or [0])[0]
+    if start > 1.0 or end > m["torch_threads"] + 1.0:  # at the end, our own threads count too
+        lines[-1:-1] = [f"WARNING: 1-min load average {start:.1f} at start, {end:.1f} at end on {m.get('cpu_count')} "
+                        "CPUs: other processes share the cores, these timings are unreliable"]
     lines += _prefill_table(results) + [""] + _decode_table(results) + [""] + _flops_table(results)
     errors = [f"{r['mixer']}: {r['error']}" for r in results["mixers"] if r.get("error")]
     if errors:
