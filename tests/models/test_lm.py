@@ -161,3 +161,14 @@ def test_gemma_style_options_decode_consistently():
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-10, atol=1e-10)
     assert model.blocks[0].ffn.gate_proj.bias is not None and model.blocks[0].mixer.o_proj.bias is not None
     torch.testing.assert_close(model.norm.weight, torch.zeros(64, dtype=torch.float64))  # offset 1 + zeros
+
+
+def test_inference_head_copy_follows_weight_updates():
+    model = build("mlp-attention-tiny")  # untied head
+    tokens = torch.randint(0, 256, (1, 5))
+    with torch.no_grad():
+        before = model(tokens).logits
+        model.lm_head.weight.mul_(2.0)
+        after = model(tokens).logits
+    torch.testing.assert_close(after, 2 * before)
+    torch.testing.assert_close(after, model(tokens).logits)  # autograd path agrees
