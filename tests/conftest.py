@@ -3,6 +3,10 @@ import torch
 
 import nimblelm as nl
 
+# Test models are tiny: OpenMP synchronisation costs more than a second thread gains (and
+# stalls badly when anything else runs on the machine), so the suite runs single-threaded.
+torch.set_num_threads(1)
+
 
 def tiny_presets() -> list[str]:
     return [name for name in nl.preset_names() if name.endswith("-tiny")]
