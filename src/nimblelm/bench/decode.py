@@ -15,7 +15,6 @@ calls, counting read + write bytes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -24,6 +23,8 @@ import time
 from typing import Any
 
 import torch
+
+from .report import run_and_report
 
 # name -> LlamaConfig fields. All sizes tie the embeddings (LM head = embedding matrix).
 SIZES: dict[str, dict[str, int]] = {
@@ -51,16 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        results = run_decode_bench(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    results = run_and_report(run_decode_bench, format_table, args)
+    if results is None:
         return 2
-    print(format_table(results))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(results, fh, indent=2)
-        print(f"wrote {args.json}")
     mismatched = [r["size"] for r in results["runs"] if not r["tokens_match"]]
     if mismatched:
         print(f"error: nimblelm and transformers generated different tokens for {', '.join(mismatched)}",

@@ -31,13 +31,14 @@ it when matplotlib is importable). ``--quick`` shrinks everything to run in seco
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from typing import Any, Callable
 
 import torch
+
+from .report import run_and_report
 
 from .. import layers  # noqa: F401  (registers every mixer)
 from ..cache import Cache, ForwardInfo
@@ -84,16 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        results = run_mixers_bench(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    results = run_and_report(run_mixers_bench, format_tables, args)
+    if results is None:
         return 2
-    print(format_tables(results))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(results, fh, indent=2)
-        print(f"wrote {args.json}")
     if results.get("plot"):
         print(f"plot: {results['plot']}")
     failed = [r["mixer"] for r in results["mixers"] if r.get("error")]

@@ -37,7 +37,6 @@ also calibrates ``tree-auto``: its target-cost measurement is cached per target)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -47,6 +46,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
+from .report import run_and_report
 
 import nimblelm as nl
 
@@ -92,16 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        results = run_spec_bench(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    results = run_and_report(run_spec_bench, format_table, args)
+    if results is None:
         return 2
-    print(format_table(results))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(results, fh, indent=2)
-        print(f"wrote {args.json}")
     bad = [f"{r['prompt_set']}/{r['name']}" for r in results["rows"]
            if r["engine"] == "nimblelm" and not r["tokens_match"]]
     if bad:
