@@ -11,6 +11,14 @@ from . import __version__
 from .errors import NimbleError
 
 BENCH_SUITES = {"decode": "nimblelm.bench.decode", "mixers": "nimblelm.bench.mixers", "spec": "nimblelm.bench.spec"}
+# Command groups whose subcommands live in their own modules: each module has
+# ``main(argv: list[str]) -> int`` and its own argparse parser (``--help`` works there).
+MODULE_COMMANDS = {
+    "train": ("train a language model or drafter heads (nimblelm train {lm,drafter} --help)",
+              {"lm": "nimblelm.training.train_lm", "drafter": "nimblelm.training.train_drafter"}),
+    "watermark": ("SynthID-Text watermark tools (nimblelm watermark detect --help)",
+                  {"detect": "nimblelm.generation.watermark.cli"}),
+}
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -40,6 +48,10 @@ def _build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark suite (each takes --json FILE)")
     bench.add_argument("suite", choices=sorted(BENCH_SUITES))
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options of the suite (see nimblelm bench SUITE --help)")
+    for name, (help_text, targets) in MODULE_COMMANDS.items():
+        group = sub.add_parser(name, help=help_text)
+        group.add_argument("what", choices=sorted(targets))
+        group.add_argument("args", nargs=argparse.REMAINDER, help=f"options (see nimblelm {name} WHAT --help)")
     return parser
 
 
@@ -110,11 +122,18 @@ def cmd_bench(args) -> int:
     return module.main(args.args)
 
 
+def cmd_module(args) -> int:
+    import importlib
+
+    module = importlib.import_module(MODULE_COMMANDS[args.command][1][args.what])
+    return module.main(args.args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     handlers = {"generate": cmd_generate, "info": cmd_info, "bench": cmd_bench}
     try:
-        return handlers[args.command](args)
+        return handlers.get(args.command, cmd_module)(args)
     except (NimbleError, FileNotFoundError, NotImplementedError) as exc:
         print(f"nimblelm: error: {exc}", file=sys.stderr)
         return 2
