@@ -45,11 +45,35 @@ def _atomic_write(path: str, write) -> None:
     os.replace(tmp, path)
 
 
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+
+
+def shipped_model_names() -> list[str]:
+    """Names of the models that ship with nimblelm (``nl.load("nimble-code-attn")``)."""
+    if not os.path.isdir(SHIPPED_DIR):
+        return []
+    return sorted(n for n in os.listdir(SHIPPED_DIR) if os.path.isfile(os.path.join(SHIPPED_DIR, n, CONFIG_FILE)))
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A checkpoint directory for a path (returned as is) or a shipped model's name."""
+    if os.path.isdir(name_or_path) or os.sep in name_or_path or name_or_path.startswith("."):
+        return name_or_path
+    shipped = os.path.join(SHIPPED_DIR, name_or_path)
+    if os.path.isdir(shipped):
+        return shipped
+    names = shipped_model_names()
+    raise CheckpointError(f"{name_or_path!r} is neither a checkpoint directory nor a shipped model "
+                          f"(shipped: {', '.join(names) if names else 'none in this checkout'})")
+
+
 def load_model(directory: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LanguageModel:
-    """Load a checkpoint directory written by :meth:`LanguageModel.save`."""
+    """Load a checkpoint directory written by :meth:`LanguageModel.save`, or a shipped model
+    by name (see :func:`shipped_model_names`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    directory = resolve_model_path(directory)
     if not os.path.isdir(directory):
         raise CheckpointError(f"checkpoint directory {directory!r} does not exist; pass a directory written by model.save()")
     config_path = os.path.join(directory, CONFIG_FILE)
