@@ -26,9 +26,10 @@ def check_target_supports_trees(target, strategy: str) -> None:
     """Refuse (before any work) targets whose layers cannot verify a draft tree."""
     blocks = getattr(target, "blocks", None)
     if blocks is None:
-        if not getattr(target, "supports_tree", False):
-            raise GenerationError(f"strategy {strategy!r} needs a target that verifies draft trees; "
-                                  f"{type(target).__name__} does not (use strategy='autoregressive')")
+        if not getattr(target, "supports_tree", False):  # tree_refusal: the target's own why + alternatives
+            why = getattr(target, "tree_refusal", None) or f"{type(target).__name__} does not"
+            raise GenerationError(f"strategy {strategy!r} needs a target that verifies draft trees; {why} "
+                                  "(or use strategy='autoregressive')")
         return
     unsupported = sorted({type(b.mixer).__name__ for b in blocks if not getattr(b.mixer, "supports_tree", False)})
     if unsupported:
