@@ -19,6 +19,7 @@ import torch
 from ...errors import GenerationError
 from ..generate import GenerationRequest, GenerationStats, StreamEvent
 from ..sampling import probabilities
+from ..watermark.speculative import speculative_watermark
 from .verify import truncate_at_stop, verify
 
 
@@ -42,8 +43,8 @@ def speculative_rounds(request: GenerationRequest, drafter, strategy: str) -> It
     if request.batch != 1:
         raise GenerationError(f"strategy {strategy!r} decodes one sequence at a time; got batch {request.batch} "
                               "(call generate per prompt, or use strategy='autoregressive' for batches)")
-    if request.watermark is not None:
-        raise GenerationError("watermarking is not available in this version of nimblelm; pass watermark=None")
+    prompt = request.tokens[0][request.token_mask[0]].tolist()
+    watermark = speculative_watermark(request, prompt)  # None without one; checked before any work
     target = request.target
     check_target_supports_trees(target, strategy)
     vocab = target.config.vocab_size
@@ -53,14 +54,16 @@ def speculative_rounds(request: GenerationRequest, drafter, strategy: str) -> It
                               "draft and target must share a tokenizer")
     if request.max_new_tokens == 0:
         return
-    prompt = request.tokens[0][request.token_mask[0]].tolist()
     max_nodes = drafter.max_tree_size
     cache = target.make_cache(1, len(prompt) + request.max_new_tokens + max_nodes)
     drafter.begin(prompt, request)
+    observe = getattr(drafter, "observe_features", None)  # feature drafters (Medusa, Hydra, EAGLE): hidden [n, D]
     stats, start = GenerationStats(), time.perf_counter()
     if len(prompt) > 1:
-        target(torch.tensor([prompt[:-1]]), cache=cache)
+        out = target(torch.tensor([prompt[:-1]]), cache=cache)
         stats.target_calls += 1
+        if observe is not None:
+            observe(out.hidden[0])
     stats.prefill_s = time.perf_counter() - start
     context, emitted = list(prompt), 0
     while emitted < request.max_new_tokens:
@@ -70,11 +73,18 @@ def speculative_rounds(request: GenerationRequest, drafter, strategy: str) -> It
         stats.target_calls += 1
         stats.rounds += 1
         target_probs = probabilities(out.logits[0], request.sampling)
-        result = verify(tree, target_probs, request.generator, greedy=request.sampling.greedy)
+        if watermark is None:
+            result = verify(tree, target_probs, request.generator, greedy=request.sampling.greedy)
+        else:
+            result = watermark.verify(tree, target_probs, request.generator)
         emission = truncate_at_stop(result, tree, request.stop_tokens, request.max_new_tokens - emitted)
         cache.commit(emission.commit)
+        if observe is not None:
+            observe(out.hidden[0, emission.commit])
         context.extend(emission.tokens)
         emitted += len(emission.tokens)
+        if watermark is not None:
+            watermark.sync(context)  # accepted tokens only: rejected drafts leave no trace
         drafter.accept(context, emission)
         stats.new_tokens = emitted
         stats.draft_calls = drafter.calls

@@ -8,7 +8,8 @@ import torch
 
 from ...errors import GenerationError
 from ..generate import GenerationRequest, StreamEvent, register_strategy
-from .drafters import DraftModelDrafter, PromptLookupDrafter
+from .drafters import (DraftModelDrafter, Eagle2Drafter, EagleDrafter, EagleHead, HydraDrafter, HydraHeads,
+                       MedusaDrafter, MedusaHeads, PromptLookupDrafter)
 from .drafters.dynamic_tree import DynamicTreeDrafter
 from .engine import speculative_rounds
 
@@ -51,3 +52,46 @@ def prompt_lookup(request: GenerationRequest) -> Iterator[StreamEvent]:
     if not isinstance(drafter, PromptLookupDrafter):
         raise GenerationError(f"strategy 'lookup' takes drafter=None or a PromptLookupDrafter, got {type(drafter).__name__}")
     yield from speculative_rounds(request, drafter, "lookup")
+
+
+def head_drafter(request: GenerationRequest, strategy: str, head_cls: type, drafter_cls: type):
+    """The request's drafter as a ``drafter_cls``: a configured instance as is, bare heads
+    (``head_cls``, e.g. from :func:`nimblelm.load_drafter`) wrapped with the defaults."""
+    drafter = request.drafter
+    if isinstance(drafter, drafter_cls) and drafter.kind == drafter_cls.kind:  # not Eagle2Drafter for eagle
+        return drafter
+    if isinstance(drafter, head_cls):
+        return drafter_cls(drafter)
+    kind = head_cls.kind
+    raise GenerationError(f"strategy {strategy!r} needs drafter=<{head_cls.__name__}> (e.g. "
+                          f"nl.load_drafter(model_dir, kind={kind!r})) or a {drafter_cls.__name__}, got "
+                          f"{type(drafter).__name__}")
+
+
+@register_strategy("medusa")
+@torch.no_grad()
+def medusa(request: GenerationRequest) -> Iterator[StreamEvent]:
+    """Medusa heads; drafter: MedusaHeads (static tree of 20 nodes) or a MedusaDrafter."""
+    yield from speculative_rounds(request, head_drafter(request, "medusa", MedusaHeads, MedusaDrafter), "medusa")
+
+
+@register_strategy("hydra")
+@torch.no_grad()
+def hydra(request: GenerationRequest) -> Iterator[StreamEvent]:
+    """Hydra heads; drafter: HydraHeads (static tree of 20 nodes) or a HydraDrafter."""
+    yield from speculative_rounds(request, head_drafter(request, "hydra", HydraHeads, HydraDrafter), "hydra")
+
+
+@register_strategy("eagle")
+@torch.no_grad()
+def eagle(request: GenerationRequest) -> Iterator[StreamEvent]:
+    """EAGLE with a static tree; drafter: an EagleHead (20 nodes, depth 5) or an EagleDrafter."""
+    yield from speculative_rounds(request, head_drafter(request, "eagle", EagleHead, EagleDrafter), "eagle")
+
+
+@register_strategy("eagle2")
+@torch.no_grad()
+def eagle2(request: GenerationRequest) -> Iterator[StreamEvent]:
+    """EAGLE-2 dynamic trees; drafter: an EagleHead (depth 5, top_k 4, 16 kept nodes) or an
+    Eagle2Drafter (e.g. total_tokens='auto')."""
+    yield from speculative_rounds(request, head_drafter(request, "eagle2", EagleHead, Eagle2Drafter), "eagle2")
