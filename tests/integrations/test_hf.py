@@ -112,8 +112,7 @@ def test_hf_target_protocol():
     assert max_diff(second.logits, full.logits[:, -2:]) < 1e-5 and max_diff(second.hidden, full.hidden[:, 5:]) < 1e-5
     with pytest.raises(nl.CacheOverflowError, match="larger cache"):
         target(tokens[:, :2], cache=cache)
-    with pytest.raises(NotImplementedError, match="tree"):
-        target(tokens[:, :2], tree=nl.TreeSpec.chain(2))
+    assert target.supports_tree  # tree calls: tests/integrations/test_hf_speculative.py
 
 
 @pytest.mark.parametrize("arch, overrides, match", [

@@ -9,7 +9,10 @@
   ``Qwen2ForCausalLM`` when only q/k/v have biases). Exporters are looked up by mixer name in
   :data:`EXPORTERS`.
 * :class:`HFTarget` lets ``nl.generate`` decode with a transformers model directly, using
-  transformers' own KV cache plus a 2-D attention mask for left-padded batches.
+  transformers' own KV cache plus a 2-D attention mask for left-padded batches. Llama / Qwen2
+  models also verify draft trees (every speculative strategy): one call over the tree tokens
+  with a 4-D tree mask and per-node position ids, then :meth:`HFCache.commit` gathers the
+  accepted nodes' keys/values. Models without tree support refuse speculative strategies.
 """
 
 from __future__ import annotations
@@ -223,23 +226,75 @@ class _HFOutput:
 
 
 class HFCache:
-    """transformers' own cache (created by the model on the first call) plus the 2-D
-    attention mask over every cached slot (0 at left padding) and the slot count."""
+    """transformers' own cache (a DynamicCache, created by the model on the first call) plus the
+    2-D attention mask over every committed slot (0 at left padding), the committed slot count
+    ``length`` and the ``pending`` draft-tree tokens of the last tree call.
+
+    Calls without a tree commit at once. After a tree call the DynamicCache holds ``length +
+    pending`` entries per layer until :meth:`commit` keeps the accepted nodes: their keys/values
+    are gathered to slots ``[length, length + len(keep))`` and the rest dropped, so the cache then
+    equals a fresh prefill of the committed tokens."""
 
     def __init__(self, batch: int, max_len: int, device):
-        self.batch, self.max_len, self.length = batch, max_len, 0
+        self.batch, self.max_len, self.length, self.pending = batch, max_len, 0, 0
         self.past = None  # a transformers Cache (DynamicCache) after the first call
         self.mask = torch.zeros(batch, 0, dtype=torch.long, device=device)
 
     def commit(self, keep=None) -> None:
-        """Every call without a tree commits at once; keeping a subset needs tree support."""
-        if keep is not None:
-            raise NotImplementedError("committing a draft-tree path is not supported for transformers models yet")
+        """Keep the pending tree nodes ``keep`` (indices among the last call's tokens, in order;
+        None = all of them). Without pending tokens there is nothing to do."""
+        if not self.pending:
+            if keep is not None and len(keep):
+                raise GenerationError(f"nothing to commit: the last call had no draft tree, got keep={list(keep)}")
+            return
+        n, start = self.pending, self.length
+        keep = list(range(n)) if keep is None else [int(i) for i in keep]
+        if any(not 0 <= i < n for i in keep):
+            raise GenerationError(f"commit indices must lie in [0, {n}), got {keep}")
+        if self.past.get_seq_length() != start + n:
+            raise GenerationError(f"the transformers cache holds {self.past.get_seq_length()} entries, expected "
+                                  f"{start} committed + {n} pending; was it used outside nimblelm?")
+        for layer in self.past.layers:
+            layer.keys, layer.values = _keep_slots(layer.keys, start, keep), _keep_slots(layer.values, start, keep)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.batch, len(keep))], dim=1)
+        self.length, self.pending = start + len(keep), 0
+
+
+def _keep_slots(states: torch.Tensor, start: int, keep: list[int]) -> torch.Tensor:
+    """states [B, H, start + n, D] -> [B, H, start + len(keep), D]: slots before ``start`` and
+    then slots ``start + keep`` (a view when ``keep`` is 0, 1, ..., k-1)."""
+    if keep == list(range(len(keep))):
+        return states[:, :, : start + len(keep)]
+    index = torch.tensor(keep, dtype=torch.long, device=states.device) + start
+    return torch.cat([states[:, :, :start], states.index_select(2, index)], dim=2)
+
+
+def tree_attention_mask(prefix_mask: torch.Tensor, tree, dtype: torch.dtype) -> torch.Tensor:
+    """The 4-D additive mask [B, 1, n, L + n] of a tree call: 0 where a node may attend, the
+    dtype's most negative value elsewhere. Node i sees every real cached slot (``prefix_mask``
+    [B, L], 0 at left padding) and the tree nodes of ``tree.ancestor_mask`` row i (its ancestors
+    and itself)."""
+    batch, prefix = prefix_mask.shape
+    ancestors = tree.ancestor_mask.to(prefix_mask.device)
+    n = ancestors.shape[0]
+    allowed = torch.cat([prefix_mask.bool()[:, None, :].expand(batch, n, prefix),
+                         ancestors[None].expand(batch, n, n)], dim=2)
+    mask = torch.zeros(batch, 1, n, prefix + n, dtype=dtype, device=prefix_mask.device)
+    return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
 
 class HFTarget:
-    """A transformers causal LM behind nimblelm's target protocol (see nimblelm.generation.generate)."""
+    """A transformers causal LM behind nimblelm's target protocol (see nimblelm.generation.generate).
 
+    Draft-tree verification (``tree=``) is declared per transformers ``model_type`` in
+    :attr:`TREE_MODEL_TYPES`: models whose attention adds a custom 4-D mask as is, rotates by the
+    given ``position_ids`` and appends to a DynamicCache, with ``eager`` or ``sdpa`` attention
+    (the kernels that honour such a mask) and no sliding-window layers. Other models (Mamba,
+    Mamba-2, ...: no tree mask, one recurrent state per call) refuse speculative strategies
+    before any work, naming the alternatives (``tree_refusal``)."""
+
+    TREE_MODEL_TYPES = frozenset({"llama", "qwen2"})
+    TREE_ATTENTION = frozenset({"eager", "sdpa"})
     supports_tree = False
 
     def __init__(self, hf_model):
@@ -250,7 +305,32 @@ class HFTarget:
         context = (getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
                    or getattr(cfg, "max_seq_len", None) or 1 << 30)  # recurrent models have no limit
         self.config = SimpleNamespace(vocab_size=vocab, max_seq_len=context)
-        self._keeps_logits = "logits_to_keep" in inspect.signature(hf_model.forward).parameters
+        accepted = inspect.signature(hf_model.forward).parameters
+        self._keeps_logits = "logits_to_keep" in accepted
+        self._has_kv_cache = "past_key_values" in accepted  # Mamba / Mamba-2 keep cache_params instead
+        self.tree_refusal = self._tree_refusal()
+        self.supports_tree = self.tree_refusal is None
+
+    def _tree_refusal(self) -> str | None:
+        """Why this model cannot verify draft trees, with what to do instead; None if it can."""
+        cfg, name = self.model.config, type(self.model).__name__
+        model_type, impl = getattr(cfg, "model_type", None), getattr(cfg, "_attn_implementation", None)
+        sliding = sorted({t for t in (getattr(cfg, "layer_types", None) or []) if t != "full_attention"})
+        if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
+            sliding = sliding or ["use_sliding_window"]
+        if model_type not in self.TREE_MODEL_TYPES:
+            why = (f"transformers {name} (model_type {model_type!r}) has no draft-tree verification in nimblelm "
+                   f"(implemented for model types {', '.join(sorted(self.TREE_MODEL_TYPES))})")
+        elif impl not in self.TREE_ATTENTION:
+            return (f"{name} runs attn_implementation={impl!r}, which does not honour a custom tree mask; load it "
+                    "with attn_implementation='sdpa' or 'eager'")
+        elif sliding:
+            why = f"{name} has sliding-window attention layers ({', '.join(sliding)}), which the tree mask ignores"
+        else:
+            return None
+        if name in CONVERTERS:
+            return f"{why}; convert it with nimblelm.integrations.hf.from_hf(hf_model): nimblelm's model verifies trees"
+        return why
 
     def parameters(self):
         return self.model.parameters()
@@ -261,33 +341,60 @@ class HFTarget:
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: HFCache | None = None,
                  tree=None, token_mask: torch.Tensor | None = None, logits_to_keep: int = 0) -> _HFOutput:
-        if tree is not None:
-            raise NotImplementedError("draft-tree verification (tree=...) is not supported for transformers "
-                                      "models yet; convert with nimblelm.integrations.hf.from_hf to use it")
+        """Score ``tokens`` [B, n] at ``positions`` [B, n] (default: after the cached slots).
+        With ``tree`` (a TreeSpec over the n tokens) node i attends to the cache and its tree
+        ancestors only; its keys/values stay pending in ``cache`` until ``cache.commit(keep)``."""
         if tokens.dim() != 2:
             raise GenerationError(f"tokens must have shape [batch, length], got {tuple(tokens.shape)}")
         batch, n = tokens.shape
+        if cache is not None and cache.pending:
+            raise GenerationError("the cache holds uncommitted tokens from a tree call; call cache.commit(path) first")
+        if cache is not None and not self._has_kv_cache:
+            raise GenerationError(f"transformers {type(self.model).__name__} keeps its state in cache_params, which "
+                                  "nimblelm's transformers adapter does not drive; convert the model with "
+                                  "nimblelm.integrations.hf.from_hf(hf_model) to generate with it")
         past_len = cache.length if cache is not None else 0
-        if positions is None:
-            positions = torch.arange(past_len, past_len + n, device=tokens.device).expand(batch, n)
-        new_mask = torch.ones_like(tokens) if token_mask is None else token_mask.long()
+        if cache is not None and past_len + n > cache.max_len:
+            raise CacheOverflowError(f"cache overflow: {past_len} cached + {n} new tokens exceed the "
+                                     f"{cache.max_len} slots allocated; allocate a larger cache")
+        prefix_mask = cache.mask if cache is not None else torch.zeros(batch, 0, dtype=torch.long, device=tokens.device)
+        if tree is None:
+            if positions is None:
+                positions = torch.arange(past_len, past_len + n, device=tokens.device).expand(batch, n)
+            new_mask = torch.ones_like(tokens) if token_mask is None else token_mask.long()
+            attention_mask = torch.cat([prefix_mask, new_mask], dim=1)
+        else:
+            self._check_tree_call(tree, n, token_mask)
+            attention_mask = tree_attention_mask(prefix_mask, tree, next(self.model.parameters()).dtype)
+            if positions is None:
+                positions = (tree.depth.to(tokens.device) + past_len).expand(batch, n)
+        out = self._forward(tokens, positions, attention_mask, cache, logits_to_keep)
+        if cache is not None:
+            cache.past = out.past_key_values
+            if tree is None:
+                cache.mask, cache.length = attention_mask, past_len + n
+            else:
+                cache.pending = n
+        logits = out.logits[:, -logits_to_keep:] if logits_to_keep else out.logits
+        return _HFOutput(logits=logits, hidden=out.hidden_states[-1])
+
+    def _check_tree_call(self, tree, n: int, token_mask: torch.Tensor | None) -> None:
+        if not self.supports_tree:
+            raise GenerationError(f"draft-tree verification is not available: {self.tree_refusal}")
+        if len(tree) != n:
+            raise GenerationError(f"the draft tree has {len(tree)} nodes but {n} tokens were given")
+        if token_mask is not None and not bool(token_mask.all()):
+            raise GenerationError("a draft-tree call cannot contain padding tokens (token_mask must be all True)")
+
+    def _forward(self, tokens, positions, attention_mask, cache: HFCache | None, logits_to_keep: int):
         kwargs = dict(position_ids=positions, output_hidden_states=True, return_dict=True)
         if cache is not None:
-            if past_len + n > cache.max_len:
-                raise CacheOverflowError(f"cache overflow: {past_len} cached + {n} new tokens exceed the "
-                                         f"{cache.max_len} slots allocated; allocate a larger cache")
-            attention_mask = torch.cat([cache.mask, new_mask], dim=1)
             kwargs.update(past_key_values=cache.past, use_cache=True)
         else:
-            attention_mask = new_mask
             kwargs.update(use_cache=False)
         if self._keeps_logits:
             kwargs["logits_to_keep"] = logits_to_keep
-        out = self.model(input_ids=tokens, attention_mask=attention_mask, **kwargs)
-        if cache is not None:
-            cache.past, cache.mask, cache.length = out.past_key_values, attention_mask, past_len + n
-        logits = out.logits[:, -logits_to_keep:] if logits_to_keep else out.logits
-        return _HFOutput(logits=logits, hidden=out.hidden_states[-1])
+        return self.model(input_ids=tokens, attention_mask=attention_mask, **kwargs)
 
 
 from . import hf_recurrent  # noqa: E402,F401  (registers the Mamba, Mamba-2 and RecurrentGemma converters)
