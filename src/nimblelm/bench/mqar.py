@@ -1,0 +1,209 @@
+"""``nimblelm bench mqar``: Zoology's multi-query associative recall benchmark for every mixer.
+
+For each mixer x d_model x (seq_len, kv_pairs) the 2-layer Zoology model
+(:mod:`nimblelm.bench.mqar_train`) is trained at each learning rate of ``--lrs`` (stopping
+early at 99% test accuracy, and skipping the remaining learning rates once one reaches it) and
+the best test accuracy over learning rates is reported, with the mixer's decoding state in
+bytes (one sequence, fp32, after seq_len tokens) and its batch-1 decode throughput.
+
+Full sweep (hours; resumable): every mixer x d_model {32, 64, 128} x (seq_len, kv) in
+{(64, 4), (128, 8), (256, 16)} plus (64, 8), (64, 16)::
+
+    nimblelm bench mqar --out results/mqar --json results/mqar/mqar.json --resume
+
+Every finished run is appended to the JSON at once, so ``--resume`` continues where a killed
+sweep stopped. ``--out`` gets ``mqar.md`` (the table) and PNG plots (:mod:`nimblelm.bench.plots`).
+``--quick`` trains attention on a tiny MQAR (vocabulary 64) in seconds: the CI smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+from .mqar_data import check_sizes
+from .mqar_train import MQARSetting, TrainOptions, decode_throughput, make_data, train_one
+from .report import run_and_report
+
+MIXERS = ["attention", "local_attention", "linear_attn", "based", "retnet", "gla", "mamba", "mamba2", "rglru",
+          "deltanet", "gated_deltanet", "ttt_linear"]
+FULL = dict(mixers=",".join(MIXERS), d_models="32,64,128", tasks="64:4,128:8,256:16,64:8,64:16",
+            lrs="1e-3,3e-3,1e-2", vocab_size=8192, num_train=100_000, num_test=3_000, batch_size=64,
+            max_steps=6_000, time_limit=300.0, eval_every=200)
+QUICK = dict(mixers="attention", d_models="32", tasks="16:2", lrs="1e-2", vocab_size=64, num_train=2_000,
+             num_test=200, batch_size=32, max_steps=300, time_limit=20.0, eval_every=25)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nimblelm bench mqar", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="attention on a tiny MQAR, seconds (the CI smoke test)")
+    p.add_argument("--json", metavar="FILE", help="results JSON (written after every run; --resume reads it)")
+    p.add_argument("--out", metavar="DIR", help="write mqar.md and the PNG plots into DIR")
+    p.add_argument("--resume", action="store_true", help="skip runs already in --json (or DIR/mqar.json)")
+    p.add_argument("--mixers", help=f"comma-separated mixers (default: {FULL['mixers']})")
+    p.add_argument("--d-models", help=f"comma-separated widths (default {FULL['d_models']})")
+    p.add_argument("--tasks", help=f"seq_len:kv_pairs list (default {FULL['tasks']})")
+    p.add_argument("--lrs", help=f"learning rates swept (default {FULL['lrs']})")
+    p.add_argument("--vocab-size", type=int, help="vocabulary (default 8192, Zoology's)")
+    p.add_argument("--num-train", type=int, help="training examples per task (default 100000)")
+    p.add_argument("--num-test", type=int, help="test examples per task (default 3000)")
+    p.add_argument("--batch-size", type=int, help="batch size (default 64)")
+    p.add_argument("--max-steps", type=int, help="cosine horizon in steps (default 6000)")
+    p.add_argument("--time-limit", type=float, help="seconds per (model, lr) run (default 300)")
+    p.add_argument("--eval-every", type=int, help="steps between test evaluations (default 200)")
+    p.add_argument("--num-heads", type=int, default=2, help="heads of every mixer (default 2)")
+    p.add_argument("--window", type=int, default=16, help="local_attention window (default 16)")
+    p.add_argument("--all-lrs", action="store_true", help="run every lr even after one reached 99%%")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _list(text: str, kind, name: str) -> list:
+    try:
+        values = [kind(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--{name} must be a comma-separated list, got {text!r}") from None
+    if not values:
+        raise ValueError(f"--{name} is empty")
+    return values
+
+
+def resolve(args: argparse.Namespace) -> dict:
+    """Options of the chosen mode with the command-line overrides, validated (ValueError)."""
+    base = QUICK if args.quick else FULL
+    o = {k: (getattr(args, k) if getattr(args, k, None) is not None else v) for k, v in base.items()}
+    from ..layers.registry import MIXERS as REGISTERED
+
+    o["mixers"] = _list(o["mixers"], str, "mixers")
+    unknown = [m for m in o["mixers"] if m not in REGISTERED]
+    if unknown:
+        raise ValueError(f"unknown mixer(s) {', '.join(unknown)}; known: {', '.join(sorted(REGISTERED))}")
+    o["d_models"] = _list(o["d_models"], int, "d-models")
+    o["lrs"] = _list(o["lrs"], float, "lrs")
+    tasks = []
+    for item in _list(o["tasks"], str, "tasks"):
+        length, _, kv = item.partition(":")
+        if not (length.isdigit() and kv.isdigit()):
+            raise ValueError(f"--tasks items are seq_len:kv_pairs, got {item!r}")
+        check_sizes(o["vocab_size"], int(length), int(kv))
+        tasks.append((int(length), int(kv)))
+    o["tasks"] = tasks
+    return o
+
+
+def _options(o: dict, args: argparse.Namespace) -> TrainOptions:
+    return TrainOptions(vocab_size=o["vocab_size"], num_train=o["num_train"], num_test=o["num_test"],
+                        batch_size=o["batch_size"], max_steps=o["max_steps"], time_limit_s=o["time_limit"],
+                        eval_every=o["eval_every"], num_heads=args.num_heads, window=args.window, seed=args.seed)
+
+
+def _results_path(args: argparse.Namespace) -> str | None:
+    if args.json:
+        return args.json
+    return os.path.join(args.out, "mqar.json") if args.out else None
+
+
+def _load_previous(path: str | None, resume: bool) -> list[dict]:
+    if not resume or path is None or not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh).get("runs", [])
+
+
+def _key(run: dict) -> tuple:
+    return run["mixer"], run["d_model"], run["seq_len"], run["num_kv_pairs"], float(run["lr"])
+
+
+def run_mqar(args: argparse.Namespace) -> dict:
+    """The sweep; returns {"options", "runs" (every (setting, lr) run), "best" (one row per setting)}."""
+    o = resolve(args)
+    torch.set_num_threads(args.threads)
+    opts = _options(o, args)
+    path = _results_path(args)
+    runs = _load_previous(path, args.resume)
+    done = {_key(r) for r in runs}
+    settings = [MQARSetting(m, d, length, kv) for (length, kv) in o["tasks"] for d in o["d_models"]
+                for m in o["mixers"]]
+    results = {"options": {k: v for k, v in o.items()}, "runs": runs, "best": []}
+    bar = tqdm(total=len(settings) * len(o["lrs"]), desc="mqar", file=sys.stderr, disable=args.quick)
+    data_cache: dict[tuple, tuple] = {}
+    for setting in settings:
+        task = (setting.seq_len, setting.num_kv_pairs)
+        if task not in data_cache:
+            data_cache.clear()
+            data_cache[task] = make_data(setting, opts)
+        for lr in o["lrs"]:
+            mine = [r for r in runs if _key(r)[:4] == _key({**vars(setting), "lr": 0})[:4]]
+            solved = any(r["accuracy"] >= opts.target_accuracy for r in mine)
+            if (setting.mixer, setting.d_model, *task, float(lr)) in done or (solved and not args.all_lrs):
+                bar.update(1)
+                continue
+            record = train_one(setting, lr, opts, data_cache[task], progress=bar)
+            record["decode_tokens_per_s"] = round(decode_throughput(setting, opts), 1)
+            runs.append(record)
+            bar.update(1)
+            if path:
+                _write(path, {**results, "best": best_rows(runs)})
+    bar.close()
+    results["best"] = best_rows(runs)
+    if args.out:
+        write_outputs(results, args.out)
+    return results
+
+
+def _write(path: str, results: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(results, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def best_rows(runs: list[dict]) -> list[dict]:
+    """One row per (mixer, d_model, seq_len, kv): the run with the best accuracy over learning rates."""
+    best: dict[tuple, dict] = {}
+    for r in runs:
+        key = _key(r)[:4]
+        if key not in best or r["accuracy"] > best[key]["accuracy"]:
+            best[key] = r
+    rows = [{k: v for k, v in r.items() if k != "curve"} for r in best.values()]
+    order = {m: i for i, m in enumerate(MIXERS)}
+    return sorted(rows, key=lambda r: (r["seq_len"], r["num_kv_pairs"], r["d_model"], order.get(r["mixer"], 99)))
+
+
+def format_table(results: dict) -> str:
+    """Markdown table of the best run per setting."""
+    head = ("| mixer | d_model | seq_len | kv | accuracy | best lr | steps | s | state bytes | decode tok/s |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in results["best"]:
+        lines.append(f"| {r['mixer']} | {r['d_model']} | {r['seq_len']} | {r['num_kv_pairs']} | "
+                     f"{100 * r['accuracy']:.1f}% | {r['lr']:g} | {r['steps']} | {r['seconds']:.0f} | "
+                     f"{r['state_bytes']} | {r.get('decode_tokens_per_s', float('nan')):.0f} |")
+    return "\n".join(lines)
+
+
+def write_outputs(results: dict, out: str) -> None:
+    """DIR/mqar.md and the PNG plots (when matplotlib is importable)."""
+    from . import plots
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "mqar.md"), "w", encoding="utf-8") as fh:
+        fh.write(format_table(results) + "\n")
+    results["plots"] = plots.mqar_plots(results["best"], out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    results = run_and_report(run_mqar, format_table, args)
+    if results is None:
+        return 2
+    for name in results.get("plots", []):
+        print(f"plot: {name}")
+    return 0

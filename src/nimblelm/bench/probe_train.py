@@ -1,0 +1,48 @@
+"""What the learning probes (MQAR, Markov) share: the optimiser, the schedule, a time budget."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+
+class CosineSchedule:
+    """lr factor: linear warm-up over ``warmup_steps``, then cosine from 1 to 0 at
+    ``total_steps`` (0 after it). ``total_steps`` may be lowered during a run (a time budget)."""
+
+    def __init__(self, total_steps: int, warmup_steps: int = 0):
+        self.total_steps, self.warmup_steps = total_steps, warmup_steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int,
+                   warmup_steps: int = 0) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR,
+                                                   CosineSchedule]:
+    """AdamW on every parameter (decoupled weight decay ``weight_decay``, as Zoology) under a
+    :class:`CosineSchedule`. Returns (optimizer, scheduler, schedule)."""
+    if lr <= 0 or total_steps < 1:
+        raise ValueError(f"learning rate must be positive and steps >= 1, got lr={lr}, steps={total_steps}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    schedule = CosineSchedule(total_steps, warmup_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), schedule
+
+
+class Deadline:
+    """Wall-clock budget of one run: ``expired()`` once ``seconds`` have passed (None = never)."""
+
+    def __init__(self, seconds: float | None):
+        self.start = time.perf_counter()
+        self.seconds = seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def expired(self) -> bool:
+        return self.seconds is not None and self.elapsed() >= self.seconds

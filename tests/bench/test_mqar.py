@@ -1,0 +1,131 @@
+"""MQAR: generator semantics against a per-example oracle, the power-law gap distribution,
+the labelled-positions-only logits, and the quick benchmark (attention solves a small MQAR, a
+conv-only model does not)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nimblelm.bench import mqar, mqar_train
+from nimblelm.bench.mqar_data import IGNORE, gap_probabilities, multiquery_ar
+from nimblelm.bench.mqar_train import MQARSetting, TrainOptions, labelled_logits, mixer_state_bytes, mqar_config
+from nimblelm.errors import ConfigError
+from nimblelm.models.lm import LanguageModel
+
+
+def _check_example(tokens: list[int], labels: list[int], vocab: int, k: int) -> None:
+    """The oracle: what one Zoology MQAR example must look like, checked position by position."""
+    half = vocab // 2
+    keys, values = tokens[0:2 * k:2], tokens[1:2 * k:2]
+    assert all(1 <= key < half for key in keys) and len(set(keys)) == k
+    assert all(half <= v < vocab for v in values) and len(set(values)) == k
+    assert all(lab == IGNORE for lab in labels[:2 * k])
+    answer = dict(zip(keys, values))
+    queried = []
+    for pos in range(2 * k, len(tokens)):
+        if labels[pos] != IGNORE:
+            assert (pos - 2 * k) % 2 == 0, "queries sit on even offsets of the query region"
+            assert labels[pos] == answer[tokens[pos]]
+            queried.append(tokens[pos])
+    assert sorted(queried) == sorted(keys), "every key is queried exactly once"
+
+
+@pytest.mark.parametrize("vocab,length,k", [(8192, 64, 4), (8192, 256, 16), (64, 16, 4), (20, 40, 8)])
+def test_examples_match_the_zoology_semantics(vocab, length, k):
+    batch = multiquery_ar(300, vocab_size=vocab, seq_len=length, num_kv_pairs=k, seed=3)
+    assert batch.inputs.shape == batch.labels.shape == (300, length)
+    assert int(batch.inputs.min()) >= 0 and int(batch.inputs.max()) < vocab
+    for tokens, labels in zip(batch.inputs.tolist(), batch.labels.tolist()):
+        _check_example(tokens, labels, vocab, k)
+
+
+def test_seeded_and_seed_dependent():
+    a = multiquery_ar(50, vocab_size=512, seq_len=64, num_kv_pairs=4, seed=7)
+    b = multiquery_ar(50, vocab_size=512, seq_len=64, num_kv_pairs=4, seed=7)
+    c = multiquery_ar(50, vocab_size=512, seq_len=64, num_kv_pairs=4, seed=8)
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.inputs, c.inputs)
+
+
+def test_gaps_follow_the_power_law_without_replacement():
+    """k = 2 over 4 slots: the ordered pair (gap of key 1, gap of key 2) must have the
+    sequential without-replacement probability p[g1] p[g2] / (1 - p[g1])."""
+    n, length, k = 60_000, 12, 2  # context 4, space 4
+    batch = multiquery_ar(n, vocab_size=64, seq_len=length, num_kv_pairs=k, seed=0, power_a=0.3)
+    keys = batch.inputs[:, 0:4:2]
+    counts = np.zeros((4, 4))
+    for tokens, labels, row_keys in zip(batch.inputs.tolist(), batch.labels.tolist(), keys.tolist()):
+        gap_of = {tokens[pos]: (pos - 4) // 2 for pos in range(4, length) if labels[pos] != IGNORE}
+        counts[gap_of[row_keys[0]], gap_of[row_keys[1]]] += 1
+    p = gap_probabilities(4, 0.3)
+    expected = np.array([[0 if i == j else p[i] * p[j] / (1 - p[i]) for j in range(4)] for i in range(4)])
+    assert np.abs(counts / n - expected).max() < 0.006  # ~4 standard errors at n = 60k
+
+
+def test_bad_sizes_name_the_option():
+    with pytest.raises(ConfigError, match="seq_len"):
+        multiquery_ar(1, seq_len=15)
+    with pytest.raises(ConfigError, match="seq_len >= 64"):
+        multiquery_ar(1, seq_len=32, num_kv_pairs=16)
+    with pytest.raises(ConfigError, match="vocab_size"):
+        multiquery_ar(1, vocab_size=8, seq_len=32, num_kv_pairs=4)
+
+
+def test_labelled_logits_equal_the_full_head_at_those_positions():
+    setting, opts = MQARSetting("gla", 32, 32, 4), TrainOptions(vocab_size=128)
+    model = LanguageModel(mqar_config(setting, opts)).double()
+    batch = multiquery_ar(4, vocab_size=128, seq_len=32, num_kv_pairs=4, seed=1)
+    logits, targets = labelled_logits(model, batch.inputs, batch.labels)
+    full = model(batch.inputs).logits  # [B, T, V]
+    mask = batch.labels != IGNORE
+    assert logits.shape == (16, 128)
+    torch.testing.assert_close(logits, full[mask], rtol=0, atol=1e-12)
+    assert torch.equal(targets, batch.labels[mask])
+    assert [b.ffn for b in model.blocks] == [None, None]  # Zoology's model has no MLP
+
+
+def test_state_bytes():
+    opts = TrainOptions(vocab_size=64, num_heads=2)
+    attn = LanguageModel(mqar_config(MQARSetting("attention", 32, 64, 4), opts))
+    assert mixer_state_bytes(attn, 64) == 2 * 2 * 64 * 16 * 4  # K and V, 2 heads, 64 tokens, head 16, fp32
+    local = LanguageModel(mqar_config(MQARSetting("local_attention", 32, 64, 4), opts))
+    assert mixer_state_bytes(local, 64) == 2 * 2 * 16 * 16 * 4  # the window (16) bounds it
+    gla = LanguageModel(mqar_config(MQARSetting("gla", 32, 64, 4), opts))
+    assert mixer_state_bytes(gla, 64) == 2 * 8 * 16 * 4  # S [H, Dk = head/2, Dv]
+
+
+def test_quick_attention_solves_small_mqar(tmp_path):
+    out = tmp_path / "mqar.json"
+    assert mqar.main(["--quick", "--json", str(out), "--out", str(tmp_path)]) == 0
+    best = json.loads(out.read_text())["best"]
+    assert [r["mixer"] for r in best] == ["attention"]
+    assert best[0]["accuracy"] >= 0.95, best[0]
+    assert (tmp_path / "mqar.md").exists() and (tmp_path / "mqar_accuracy_vs_state.png").stat().st_size > 1000
+
+
+def test_negative_control_conv_only_cannot_recall():
+    """Layer 1 a second short conv (4-token window): no way to look 8+ tokens back, so the
+    same budget that solves the task with attention must leave it far from solved."""
+    opts = TrainOptions(vocab_size=64, num_train=2000, num_test=200, batch_size=32, max_steps=200,
+                        time_limit_s=20, eval_every=50)
+    record = mqar_train.train_one(MQARSetting("short_conv", 32, 16, 2), 1e-2, opts)
+    assert record["accuracy"] < 0.6, record
+
+
+def test_resume_skips_finished_runs(tmp_path, monkeypatch):
+    out = tmp_path / "r.json"
+    fake = dict(mixer="attention", d_model=32, seq_len=16, num_kv_pairs=2, lr=0.01, accuracy=1.0, train_loss=0.0,
+                steps=1, seconds=0.0, stop="target", curve=[], params=1, state_bytes=1, decode_tokens_per_s=1.0)
+    out.write_text(json.dumps({"runs": [fake]}))
+    monkeypatch.setattr(mqar, "train_one", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert mqar.main(["--quick", "--json", str(out), "--resume"]) == 0
+    assert json.loads(out.read_text())["best"][0]["accuracy"] == 1.0
+
+
+def test_best_over_learning_rates():
+    runs = [dict(mixer="gla", d_model=64, seq_len=64, num_kv_pairs=4, lr=lr, accuracy=acc, curve=[])
+            for lr, acc in [(1e-3, 0.4), (3e-3, 0.9), (1e-2, 0.2)]]
+    (row,) = mqar.best_rows(runs)
+    assert row["lr"] == 3e-3 and row["accuracy"] == 0.9 and "curve" not in row
