@@ -18,6 +18,7 @@ import torch
 
 from ..errors import GenerationError
 from .sampling import SamplingConfig, choose_tokens
+from .watermark.hooks import row_sessions, sample_watermarked
 
 
 @dataclass
@@ -226,9 +227,9 @@ def _make_request(model, prompt_ids, max_new_tokens, strategy, drafter, temperat
 @register_strategy("autoregressive")
 @torch.no_grad()
 def autoregressive(request: GenerationRequest) -> Iterator[StreamEvent]:
-    """One target call per token."""
-    if request.watermark is not None:
-        raise GenerationError("watermarking is not available in this version of nimblelm; pass watermark=None")
+    """One target call per token; with a watermark, each row samples from its tournament
+    distribution (generation/watermark/hooks.py)."""
+    sessions = row_sessions(request)
     if request.max_new_tokens == 0:
         return
     target, stats = request.target, GenerationStats()
@@ -241,7 +242,10 @@ def autoregressive(request: GenerationRequest) -> Iterator[StreamEvent]:
     next_pos = positions[:, -1:] + 1
     finished = torch.zeros(request.batch, dtype=torch.bool)
     for step in range(request.max_new_tokens):
-        chosen = choose_tokens(out.logits[:, -1], request.sampling, request.generator)
+        if sessions is None:
+            chosen = choose_tokens(out.logits[:, -1], request.sampling, request.generator)
+        else:
+            chosen = sample_watermarked(sessions, out.logits[:, -1], request.sampling, request.generator)
         stats.rounds += 1
         new = [[] if done else [tok] for tok, done in zip(chosen.tolist(), finished.tolist())]
         stats.new_tokens += sum(len(t) for t in new)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ...sampling import probabilities
+from ...watermark.speculative import draft_session
 from ..tree import DraftTree
 
 
@@ -34,6 +35,7 @@ class DraftModelDrafter:
         self.cache = self.model.make_cache(1, len(prompt) + request.max_new_tokens + self.max_tree_size)
         self.seen = 0
         self.calls = 0
+        self.watermark = draft_session(request, prompt)  # high-detectability watermark: q watermarked too
 
     @torch.no_grad()
     def propose(self, context: list[int]) -> DraftTree:
@@ -41,8 +43,12 @@ class DraftModelDrafter:
         self.seen = len(context)
         saved = self.cache.snapshot()
         tokens, dists = [context[-1]], []
+        if self.watermark is not None:
+            self.watermark.sync(context)
         for i in range(self.num_tokens):
             q = probabilities(out.logits[0, -1].double(), self.sampling)  # [V]
+            if self.watermark is not None:  # the same transform the target's p gets at this node
+                q = self.watermark.distributions(q[None], [tokens[1:]])[0]
             token = int(q.argmax()) if self.sampling.greedy else int(torch.multinomial(q, 1, generator=self.generator))
             tokens.append(token)
             dists.append(q)

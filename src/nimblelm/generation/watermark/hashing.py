@@ -1,0 +1,80 @@
+"""g-values from pure integer hashing: identical on every device, batch size and call order.
+
+``g_l(context, candidate)`` is one pseudo-random bit per (key of layer l, the last H context
+tokens, candidate token, layer index l). Everything is 32-bit integer arithmetic done in
+int64 with no overflow (32-bit values times constants below 2^30), so the same code
+runs on Python ints (:func:`g_value_reference`, the oracle) and on int64 tensors of any
+device (:func:`g_values`) and gives the same bits. No torch random generator is involved.
+
+The mixer is a two-round xor-shift-multiply hash (:func:`mix32`). Layer seed
+``s_l = mix(mix(mix(key_lo ^ SALT) ^ key_hi) ^ mix(l + LAYER_SALT))``, context fold
+``h = mix(h ^ mix(token ^ TOKEN_SALT))`` over the H context tokens (oldest first), and
+``g = bit 31 of mix(h ^ mix(candidate ^ CANDIDATE_SALT))``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+_SALT, _LAYER_SALT, _TOKEN_SALT, _CANDIDATE_SALT = 0x5EED1D01, 0x1A7E55ED, 0x70CE11AB, 0x0CA4D1DA
+
+
+def mix32(x):
+    """A bijective 32-bit xor-shift-multiply mixer (constants 0x2C1B3C6D, 0x297A2D39 from
+    Wellons' hash-prospector). x: int or int64 tensor with values in [0, 2^32); both
+    multipliers are below 2^30, so no product leaves int64."""
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & MASK32
+    x = x ^ (x >> 12)
+    x = (x * 0x297A2D39) & MASK32
+    return x ^ (x >> 15)
+
+
+def layer_seeds(keys: Sequence[int]) -> list[int]:
+    """One 32-bit seed per layer from the user's integer keys (any size, negatives allowed:
+    taken modulo 2^64)."""
+    seeds = []
+    for layer, key in enumerate(keys):
+        key64 = int(key) & 0xFFFFFFFFFFFFFFFF
+        seed = mix32(mix32((key64 & MASK32) ^ _SALT) ^ (key64 >> 32))
+        seeds.append(mix32(seed ^ mix32((layer + _LAYER_SALT) & MASK32)))
+    return seeds
+
+
+def context_hashes(seeds: Sequence[int], contexts: torch.Tensor) -> torch.Tensor:
+    """contexts [..., H] non-negative token ids -> hashes [..., m] (int64 in [0, 2^32))."""
+    h = torch.tensor(list(seeds), dtype=torch.long, device=contexts.device)
+    h = h.expand(*contexts.shape[:-1], len(seeds))
+    for i in range(contexts.shape[-1]):
+        token = mix32((contexts[..., i:i + 1].long() & MASK32) ^ _TOKEN_SALT)
+        h = mix32(h ^ token)
+    return h
+
+
+def candidate_hashes(candidates: torch.Tensor) -> torch.Tensor:
+    """Token ids [...] -> their 32-bit hashes (the per-candidate half of a g-value)."""
+    return mix32((candidates.long() & MASK32) ^ _CANDIDATE_SALT)
+
+
+def g_values(seeds: Sequence[int], contexts: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """g-values in {0, 1} (uint8) of shape [..., m, C].
+
+    contexts: [..., H] long, the H tokens before the scored position (oldest first).
+    candidates: [C] (the same candidates for every row, e.g. ``arange(V)``) or [..., C]
+        (per-row candidates, e.g. the tokens actually emitted, C = 1).
+    """
+    h = context_hashes(seeds, contexts)[..., :, None]  # [..., m, 1]
+    c = candidate_hashes(candidates)
+    c = c[None, :] if candidates.dim() == 1 else c[..., None, :]  # [1, C] or [..., 1, C]
+    return (mix32(h ^ c) >> 31).to(torch.uint8)
+
+
+def g_value_reference(key: int, layer: int, context: Sequence[int], candidate: int) -> int:
+    """The same bit as :func:`g_values`, in plain Python ints, one at a time (the oracle)."""
+    h = layer_seeds([0] * layer + [key])[layer]
+    for token in context:
+        h = mix32(h ^ mix32((int(token) & MASK32) ^ _TOKEN_SALT))
+    return mix32(h ^ mix32((int(candidate) & MASK32) ^ _CANDIDATE_SALT)) >> 31

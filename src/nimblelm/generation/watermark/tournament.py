@@ -1,0 +1,61 @@
+"""Tournament sampling as a distribution transform (SynthID-Text, Dathathri et al. 2024).
+
+A tournament draws N^m candidates i.i.d. from p, plays m layers of matches of N candidates
+(layer l keeps the candidate with the largest g_l, ties broken uniformly) and emits the
+winner. Winners of a layer are i.i.d. again, so the winner's distribution is the one-layer
+map applied m times. One layer, with G1 = E_p[g_l] and G0 = 1 - G1:
+
+    p'(x) = p(x) (1 - G0^N) / G1    if g_l(x) = 1
+    p'(x) = p(x) G0^(N - 1)         if g_l(x) = 0
+
+For N = 2 this is p'(x) = p(x) (1 + g_l(x) - G1): linear in g, so averaging over random
+g-values gives back p (non-distortionary). For N > 2 it is not (distortionary mode).
+
+The transform is a pure function of (p, g): the speculative engine applies the same function
+to draft and target positions. Tokens with p = 0 keep p = 0, so it composes with top-k and
+top-p (it is applied after temperature / top-k / top-p).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def tournament_layer(p: torch.Tensor, g: torch.Tensor, num_competitors: int = 2) -> torch.Tensor:
+    """One layer. p [..., V] (rows sum to 1), g [..., V] in {0, 1} -> p' [..., V]."""
+    g = g.to(p.dtype)
+    g1 = (p * g).sum(-1, keepdim=True)  # [..., 1]
+    if num_competitors == 2:
+        return p * (1.0 + g - g1)
+    g0 = 1.0 - g1
+    win_one = (1.0 - g0 ** num_competitors) / g1.clamp_min(torch.finfo(p.dtype).tiny)
+    return p * torch.where(g > 0, win_one, g0 ** (num_competitors - 1))
+
+
+def tournament(p: torch.Tensor, g: torch.Tensor, num_competitors: int = 2) -> torch.Tensor:
+    """All layers. p [..., V], g [..., m, V] in {0, 1} -> the winner's distribution [..., V]."""
+    for layer in range(g.shape[-2]):
+        p = tournament_layer(p, g[..., layer, :], num_competitors)
+    return p / p.sum(-1, keepdim=True)
+
+
+def tournament_reference(p: list[float], g: list[list[int]], num_competitors: int = 2) -> list[float]:
+    """The winner's distribution by direct enumeration of one match per layer (the oracle):
+    for every N-tuple of competitors drawn from the current distribution, the winner is
+    uniform among those with the largest g. p: [V] floats; g: [m][V] bits. Tiny V only."""
+    import itertools
+
+    for layer_g in g:
+        nxt = [0.0] * len(p)
+        for draw in itertools.product(range(len(p)), repeat=num_competitors):
+            weight = 1.0
+            for token in draw:
+                weight *= p[token]
+            if weight == 0.0:
+                continue
+            best = max(layer_g[t] for t in draw)
+            winners = [t for t in draw if layer_g[t] == best]
+            for t in winners:
+                nxt[t] += weight / len(winners)
+        p = nxt
+    return p
