@@ -10,12 +10,14 @@ transformers = pytest.importorskip("transformers")
 import nimblelm as nl  # noqa: E402
 from nimblelm.generation.speculative.drafters import DraftModelDrafter, PromptLookupDrafter  # noqa: E402
 from nimblelm.generation.speculative.drafters.dynamic_tree import DynamicTreeDrafter  # noqa: E402
+from nimblelm.generation.speculative.drafters import EagleHead, HydraHeads, MedusaHeads  # noqa: E402
 from nimblelm.integrations import hf  # noqa: E402
 
 from .test_hf import make_hf, max_diff  # noqa: E402
 
 # node: 0  1  2  3  4  5  6  7   (0 = root; 1, 2, 6 its children; 5 sits at depth 3)
 PARENTS = [-1, 0, 0, 1, 1, 3, 0, 2]
+HEADS = {"medusa": MedusaHeads, "hydra": HydraHeads, "eagle": EagleHead, "eagle2": EagleHead}
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
@@ -166,6 +168,27 @@ def test_hf_target_accepts_exactly_what_the_converted_target_accepts():
         assert ours.stats.rounds < 24  # the drafter got something accepted
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_feature_head_strategies_on_hf_targets(arch):
+    """Medusa / Hydra / EAGLE heads read the HF target's final-norm features and reuse its
+    embedding and LM head: greedy output == autoregressive, and every round as on the converted
+    model with the same heads."""
+    model = hf_model(arch, torch.float64, seed=7)
+    converted = hf.from_hf(model)
+    prompt = torch.randint(0, 256, (7,)).tolist()
+    expected = nl.generate(model, prompt, max_new_tokens=12).tokens
+    for strategy, heads_cls in HEADS.items():
+        torch.manual_seed(8)
+        heads = heads_cls(64, 256)
+        with torch.no_grad():
+            for p in heads.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        ours, ref = (nl.generate(m, prompt, max_new_tokens=12, strategy=strategy, drafter=heads)
+                     for m in (model, converted))
+        assert torch.equal(ours.tokens, expected) and torch.equal(ref.tokens, expected), strategy
+        assert ours.stats.rounds == ref.stats.rounds, strategy
+
+
 def test_perfect_chain_tree_accepts_depth_plus_one_and_edge_cases():
     model = hf_model("llama", torch.float32, seed=2)
     perfect = hf.from_hf(model)
@@ -211,7 +234,8 @@ def test_hf_mamba_refuses_every_strategy_before_any_work(cls_name):
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
     converted = hf.from_hf(model)
-    for strategy, drafter in [("sps", converted), ("tree", converted), ("lookup", None)]:
+    for strategy, drafter in [("sps", converted), ("tree", converted), ("lookup", None),
+                              ("medusa", MedusaHeads(64, 256))]:
         with pytest.raises(nl.GenerationError, match=rf"'{strategy}' needs a target that verifies draft trees; "
                                                      rf"transformers {cls_name} .*from_hf\(hf_model\)"):
             nl.generate(model, [1, 2, 3], max_new_tokens=4, strategy=strategy, drafter=drafter)

@@ -291,7 +291,9 @@ class HFTarget:
     given ``position_ids`` and appends to a DynamicCache, with ``eager`` or ``sdpa`` attention
     (the kernels that honour such a mask) and no sliding-window layers. Other models (Mamba,
     Mamba-2, ...: no tree mask, one recurrent state per call) refuse speculative strategies
-    before any work, naming the alternatives (``tree_refusal``)."""
+    before any work, naming the alternatives (``tree_refusal``). For those model types the
+    target also exposes ``embed``, ``head_weight`` and ``_head_logits`` like a nimblelm model, so
+    feature drafters (Medusa, Hydra, EAGLE heads) run on it."""
 
     TREE_MODEL_TYPES = frozenset({"llama", "qwen2"})
     TREE_ATTENTION = frozenset({"eager", "sdpa"})
@@ -304,7 +306,10 @@ class HFTarget:
         vocab = head.weight.shape[0] if head is not None else cfg.vocab_size
         context = (getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
                    or getattr(cfg, "max_seq_len", None) or 1 << 30)  # recurrent models have no limit
-        self.config = SimpleNamespace(vocab_size=vocab, max_seq_len=context)
+        self.config = SimpleNamespace(vocab_size=vocab, max_seq_len=context, hidden_size=getattr(cfg, "hidden_size", None),
+                                      logit_softcap=None, embedding_scale=None)
+        if getattr(cfg, "model_type", None) in self.TREE_MODEL_TYPES:  # plain embedding, head without bias
+            self.embed, self.head_weight = hf_model.get_input_embeddings(), head.weight  # for draft heads
         accepted = inspect.signature(hf_model.forward).parameters
         self._keeps_logits = "logits_to_keep" in accepted
         self._has_kv_cache = "past_key_values" in accepted  # Mamba / Mamba-2 keep cache_params instead
@@ -334,6 +339,11 @@ class HFTarget:
 
     def parameters(self):
         return self.model.parameters()
+
+    def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, T, D] (after the final norm, as returned) -> logits [B, T, V]: the LM head,
+        for Medusa / Hydra / EAGLE heads that read the target's features (Llama / Qwen2 only)."""
+        return self.model.get_output_embeddings()(hidden)
 
     def make_cache(self, batch: int, max_len: int) -> HFCache:
         return HFCache(batch, max_len, next(self.model.parameters()).device)
