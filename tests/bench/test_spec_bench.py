@@ -21,12 +21,19 @@ def test_spec_bench_quick_writes_json(tmp_path, capsys):
         assert rows[(prompt_set, "sps/perfect")]["tau"] == 5.0  # 4 drafts + the bonus token, all accepted
         assert rows[(prompt_set, "tree-auto/layer-skip")]["chosen_tree_sizes_median"] >= 1
     hf_rows = [r for r in data["rows"] if r["engine"] == "transformers"]
+    on_hf = [r for r in data["rows"] if r["engine"] == "nimblelm+hf"]  # nimblelm's engine, transformers target
     if data["notes"]:  # transformers or to_hf unavailable: the rows are skipped, with a note
-        assert not hf_rows
+        assert not hf_rows and not on_hf
     else:
         assert {r["name"] for r in hf_rows} == {"hf autoregressive", "hf assisted/perfect", "hf assisted/layer-skip",
                                                  "hf assisted/tiny", "hf lookup"}
         assert all(r["tokens_per_s"] > 0 and r["speedup_vs_hf_ar"] > 0 for r in hf_rows)
+        assert {r["name"] for r in on_hf} == {"nl+hf sps/perfect", "nl+hf sps/layer-skip", "nl+hf sps/tiny",
+                                               "nl+hf tree/layer-skip", "nl+hf lookup"}
+        assert all(r["tokens_match"] and r["tokens_per_s"] > 0 and r["tau"] >= 1 for r in on_hf)
+        for prompt_set in ("random", "repetitive"):
+            assert rows[(prompt_set, "nl+hf sps/perfect")]["tau"] == 5.0
+        assert "nl+hf tree/layer-skip" in printed
 
 
 def test_bad_option_is_an_error(capsys):

@@ -20,7 +20,9 @@ drafts are accepted only where the target's own output repeats; otherwise the lo
 measure its overhead). Rows: nimblelm ``autoregressive``, ``sps`` (4-token chains), ``tree``
 (EAGLE-2 dynamic trees, fixed size and ``auto``), ``lookup``; transformers ``generate()``
 plain, with ``assistant_model=`` (the same drafters converted with
-``nimblelm.integrations.hf.to_hf``) and with ``prompt_lookup_num_tokens=``. The assistants
+``nimblelm.integrations.hf.to_hf``) and with ``prompt_lookup_num_tokens=``; and nimblelm's
+engine verifying on that same transformers model (``nl+hf`` rows: ``nl.generate`` on an
+``HFTarget``, which verifies draft trees with a 4-D tree mask). The assistants
 draft fixed chains of ``--sps-tokens`` tokens like ``sps`` (constant schedule, confidence
 threshold 0); ``--hf-assistant-defaults`` keeps transformers' defaults instead (a heuristic
 chain length, and drafting stops once the assistant's probability for its token falls below
@@ -29,7 +31,9 @@ chain length, and drafting stops once the assistant's probability for its token 
 Per row: tau = new tokens per target call that emitted tokens (bonus included; for
 transformers every target call emits), target calls per new token (prefill included),
 tokens/s = new tokens / wall time of the whole ``generate`` call (prefill included), speedup
-over nimblelm's and over transformers' autoregressive rows. Medians over prompts x repeats,
+over nimblelm's and over transformers' autoregressive rows; same = the tokens equal the
+autoregressive output of the same target (nimblelm's model for nimblelm rows, the transformers
+model for the transformers and nl+hf rows). Medians over prompts x repeats,
 rows interleaved so drifting machine load hits them alike, one untimed warm-up per row (which
 also calibrates ``tree-auto``: its target-cost measurement is cached per target).
 """
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if results is None:
         return 2
     bad = [f"{r['prompt_set']}/{r['name']}" for r in results["rows"]
-           if r["engine"] == "nimblelm" and not r["tokens_match"]]
+           if r["engine"] in ("nimblelm", "nimblelm+hf") and not r["tokens_match"]]
     if bad:
         print(f"error: speculative output differs from autoregressive output in {', '.join(bad)}", file=sys.stderr)
         return 1
@@ -190,7 +194,7 @@ def make_rows(models: dict[str, nl.LanguageModel], options: dict[str, Any]) -> t
     if options["no_hf"]:
         return rows, ["transformers rows skipped (--no-hf)"]
     try:
-        from ..integrations.hf import to_hf
+        from ..integrations.hf import HFTarget, to_hf
     except ImportError as exc:
         return rows, [f"transformers rows skipped: nimblelm.integrations.hf.to_hf is not importable ({exc})"]
     hf_target = to_hf(target)
@@ -204,7 +208,21 @@ def make_rows(models: dict[str, nl.LanguageModel], options: dict[str, Any]) -> t
         rows.append(Row(f"hf assisted/{name}", "transformers", _hf_runner(hf_target, {"assistant_model": assistant})))
     rows.append(Row("hf lookup", "transformers",
                     _hf_runner(hf_target, {"prompt_lookup_num_tokens": options["lookup_tokens"]})))
-    return rows, []
+    return rows + _nl_on_hf_rows(HFTarget(hf_target), drafters, options), []
+
+
+def _nl_on_hf_rows(hf_target, drafters: dict[str, nl.LanguageModel], options: dict[str, Any]) -> list[Row]:
+    """nimblelm's engine verifying on the transformers model (one HFTarget object, so tree-auto's
+    cost calibration is kept across runs): sps with each drafter, tree with layer-skip, lookup."""
+    rows = [Row(f"nl+hf sps/{name}", "nimblelm+hf",
+                _nl_runner(hf_target, "sps", DraftModelDrafter(draft, options["sps_tokens"])))
+            for name, draft in drafters.items()]
+    tree = DynamicTreeDrafter(drafters["layer-skip"], depth=options["depth"], top_k=options["top_k"],
+                              total_tokens=options["total_tokens"])
+    rows.append(Row("nl+hf tree/layer-skip", "nimblelm+hf", _nl_runner(hf_target, "tree", tree)))
+    rows.append(Row("nl+hf lookup", "nimblelm+hf",
+                    _nl_runner(hf_target, "lookup", PromptLookupDrafter(num_tokens=options["lookup_tokens"]))))
+    return rows
 
 
 def _nl_runner(target, strategy: str, drafter) -> Callable:
@@ -253,10 +271,12 @@ def bench_prompt_set(set_name: str, prompts: list[list[int]], rows: list[Row], o
 
 
 def summarise(set_name: str, rows: list[Row], runs: dict[str, list[dict]]) -> list[dict]:
-    reference = {r["prompt"]: r["tokens"] for r in runs["autoregressive"]}
+    references = {name: {r["prompt"]: r["tokens"] for r in runs[name]}
+                  for name in ("autoregressive", "hf autoregressive") if name in runs}
     out = []
     for row in rows:
         rs = runs[row.name]
+        reference = references["autoregressive" if row.engine == "nimblelm" else "hf autoregressive"]
         summary = {
             "prompt_set": set_name, "name": row.name, "engine": row.engine,
             "tau": statistics.median(r["new_tokens"] / max(r["rounds"], 1) for r in rs),
@@ -326,8 +346,8 @@ def format_table(results: dict[str, Any]) -> str:
                      f"{r['tokens_per_s']:>8.1f} {r['speedup_vs_nimblelm_ar']:>8.2f} {vs_hf} "
                      f"{'yes' if r['tokens_match'] else 'NO':>5}")
     lines.append("tau: new tokens per target call that emitted tokens (bonus included); calls/tok: target calls per "
-                 "new token (prefill included); tok/s: new tokens / wall time incl. prefill; same: tokens equal "
-                 "nimblelm autoregressive")
+                 "new token (prefill included); tok/s: new tokens / wall time incl. prefill; same: tokens equal the "
+                 "same target's autoregressive output (nl+hf: nimblelm's engine verifying on the transformers model)")
     lines += [f"note: {n}" for n in results.get("notes", [])]
     return "\n".join(lines)
 
