@@ -10,12 +10,14 @@ import sys
 from . import __version__
 from .errors import NimbleError
 
-BENCH_SUITES = {"decode": "nimblelm.bench.decode", "mixers": "nimblelm.bench.mixers", "spec": "nimblelm.bench.spec"}
+BENCH_SUITES = {"decode": "nimblelm.bench.decode", "mixers": "nimblelm.bench.mixers", "spec": "nimblelm.bench.spec",
+                "mqar": "nimblelm.bench.mqar", "markov": "nimblelm.bench.markov"}
 # Command groups whose subcommands live in their own modules: each module has
 # ``main(argv: list[str]) -> int`` and its own argparse parser (``--help`` works there).
 MODULE_COMMANDS = {
     "train": ("train a language model or drafter heads (nimblelm train {lm,drafter} --help)",
-              {"lm": "nimblelm.training.train_lm", "drafter": "nimblelm.training.train_drafter"}),
+              {"corpus": "nimblelm.training.corpus", "lm": "nimblelm.training.train_lm",
+               "drafter": "nimblelm.training.train_drafter"}),
     "watermark": ("SynthID-Text watermark tools (nimblelm watermark detect --help)",
                   {"detect": "nimblelm.generation.watermark.cli"}),
 }

@@ -71,3 +71,11 @@ register_architecture("based-hybrid", mixer_pattern=["short_conv", "based", "loc
 for _mixer in ("ttt_linear", "ttt_mlp"):
     register_architecture(_mixer.replace("_", "-"), mixer_pattern=[_mixer], ffn_pattern=["swiglu"],
                           tiny=dict(extra={"ttt_mini_batch": 4}))
+
+# -- the shipped code models (trained by `nimblelm train lm` on the CPython stdlib corpus) ----
+CODE = dict(vocab_size=8192, hidden_size=256, num_layers=6, num_heads=4, num_kv_heads=2, intermediate_size=768,
+            max_seq_len=2048, tie_embeddings=True)
+PRESETS["code-attn"] = {**CODE, "mixer_pattern": ["attention"], "ffn_pattern": ["swiglu"]}
+# hybrid: Mamba-2 (SSD) layers with one attention layer in three, SwiGLU FFNs throughout
+PRESETS["code-hybrid"] = {**CODE, "mixer_pattern": ["mamba2", "mamba2", "attention"], "ffn_pattern": ["swiglu"],
+                          "state_size": 32, "expand": 2, "chunk_size": 64, "extra": {"mamba_head_dim": 32}}

@@ -1,0 +1,137 @@
+"""``nimblelm train lm``: train a LanguageModel on a corpus directory (next-token cross-entropy,
+plus the MoE load-balancing loss where the model has MoE layers).
+
+    nimblelm train lm --data data/code --preset code-attn --out runs/code-attn --steps 2000
+    torchrun --nproc_per_node=2 -m nimblelm.training.train_lm --data ... (same options)
+
+The final checkpoint (``--out``: config.json + model.safetensors + tokenizer.json) loads with
+``nl.load``; ``--out/checkpoint`` holds the resumable training state (rerun the same command
+to continue after an interruption).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import NimbleError
+from ..models import LanguageModel, ModelConfig
+from .data import TokenData
+from .loop import TrainConfig, evaluate, train
+
+AUX_LOSS_WEIGHT = 0.01
+
+
+def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean next-token cross-entropy over batch [B, T + 1] (+ weighted MoE aux loss)."""
+    out = model(batch[:, :-1])
+    ce = F.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+    if out.aux_loss is None:
+        return ce, {}
+    return ce + AUX_LOSS_WEIGHT * out.aux_loss, {"aux_loss": float(out.aux_loss)}
+
+
+def ce_only(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    out = model(batch[:, :-1])
+    return F.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].flatten()), {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nimblelm train lm", description="Train a language model on a corpus directory.")
+    p.add_argument("--data", required=True, metavar="DIR", help="corpus directory (nimblelm train corpus)")
+    p.add_argument("--preset", help="model preset (see nimblelm.preset_names())")
+    p.add_argument("--config", metavar="JSON", help="a config.json instead of --preset")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: one epoch of the train split)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step per process")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--min-lr", type=float, default=2e-4)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-batches", type=int, default=16)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch threads per process")
+    p.add_argument("--weight-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="storage dtype of the final weights (they load as float32)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def model_config(args) -> ModelConfig:
+    if bool(args.preset) == bool(args.config):
+        raise NimbleError("pass exactly one of --preset NAME or --config FILE")
+    config = ModelConfig.from_preset(args.preset) if args.preset else ModelConfig.from_json(args.config)
+    values = config.to_dict()
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in values:
+            raise NimbleError(f"--set {item!r}: expected KEY=VALUE with KEY a config field")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    return ModelConfig.from_dict(values)
+
+
+def run(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = TokenData(args.data, seed=args.seed)
+    config = model_config(args)
+    tokenizer = None
+    if data.tokenizer_path:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(data.tokenizer_path)
+        if tokenizer.get_vocab_size() > config.vocab_size:
+            raise NimbleError(f"the corpus tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size "
+                              f"is {config.vocab_size}; pass --set vocab_size={tokenizer.get_vocab_size()}")
+    steps = args.steps or math.ceil(data.num_tokens("train") / (args.batch_size * args.seq_len * _world()))
+    train_config = TrainConfig(out_dir=args.out, max_steps=steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                               lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup, weight_decay=args.weight_decay,
+                               grad_clip=args.grad_clip, eval_every=args.eval_every, eval_batches=args.eval_batches,
+                               checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.no_progress)
+    torch.manual_seed(args.seed)
+    model = LanguageModel(config)
+    model.tokenizer = tokenizer
+    dtype = getattr(torch, args.weight_dtype)
+
+    def save(module, out_dir):
+        from ..models.checkpoint import save_model
+
+        save_model(module, out_dir, weight_dtype=None if dtype == torch.float32 else dtype)
+
+    os.makedirs(args.out, exist_ok=True)
+    result = train(model, lm_loss, data, train_config, save=save)
+    summary = {"step": result.step, "max_steps": steps, "train_loss": result.train_loss, "eval_loss": result.eval_loss,
+               "parameters": sum(p.numel() for p in model.parameters()), "interrupted": result.interrupted}
+    if result.eval_loss is not None:
+        summary["eval_perplexity"] = math.exp(result.eval_loss)
+    return summary
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    summary = run(args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
