@@ -169,3 +169,103 @@ def test_eagle_cached_drafting_equals_full_recompute():
                 out = head(target_embed(target, torch.tensor(tokens))[None], inputs[None])[0]
             ranked = target._head_logits(out[-1:][None])[0, 0].argsort(descending=True).tolist()
             assert kids == ranked[:len(kids)], (node, kids, ranked[:4])
+
+
+# -- sampled decoding -------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["medusa", "hydra", "eagle", "eagle2"])
+def test_sampled_first_two_tokens_match_target(strategy):
+    """Chi-square on the joint of the first two tokens vs the exact processed target
+    distribution (deterministic top-k drafts, verified as one-hot proposals)."""
+    from nimblelm.generation.sampling import SamplingConfig
+
+    from .test_speculative import exact_two_token_distribution
+
+    vocab, n = 5, 500
+    target = build("attention-tiny", vocab_size=vocab, seed=3)
+    prompt = [1, 2, 3]
+    kwargs = dict(temperature=0.9, top_k=4)
+    joint = exact_two_token_distribution(target, prompt, SamplingConfig(**kwargs)).flatten()
+    heads = make_heads(strategy, target, 0.3)
+    counts = torch.zeros_like(joint)
+    for seed in range(n):
+        toks = nl.generate(target, prompt, max_new_tokens=2, strategy=strategy, drafter=heads, seed=seed,
+                           **kwargs).tokens[0]
+        counts[toks[0] * vocab + toks[1]] += 1
+    assert counts[joint == 0].sum() == 0
+    expected = joint * n
+    cells = expected > 0
+    chi2 = (((counts - expected) ** 2)[cells] / expected[cells]).sum().item()
+    dof = int(cells.sum()) - 1
+    assert chi2 < dof + 5 * (2 * dof) ** 0.5, (chi2, dof)
+
+
+# -- checkpoints and errors ---------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["medusa", "hydra", "eagle"])
+def test_save_load_round_trip(tmp_path, kind):
+    from nimblelm.drafter_io import save_drafter
+
+    target = build("attention-tiny", dtype=torch.float32)
+    heads = make_heads(kind, target, 0.2, dtype=torch.float32)
+    save_drafter(heads, str(tmp_path / "exact"))
+    loaded = nl.load_drafter(str(tmp_path / "exact"), kind)
+    assert type(loaded) is type(heads)
+    for (name, a), (_, b) in zip(heads.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    # stored as bf16, loaded as fp32, found under a model directory's drafters/<kind>/
+    target.save(str(tmp_path / "model"))
+    save_drafter(heads, str(tmp_path / "model" / "drafters" / kind), weight_dtype=torch.bfloat16)
+    compact = nl.load_drafter(str(tmp_path / "model"), kind)
+    assert all(p.dtype == torch.float32 for p in compact.parameters())
+    for (name, a), (_, b) in zip(heads.state_dict().items(), compact.state_dict().items()):
+        assert torch.equal(a.bfloat16().float(), b), name
+    strategy = "eagle2" if kind == "eagle" else kind
+    prompt = [4, 8, 15, 16, 23]
+    ar = nl.generate(target, prompt, max_new_tokens=10).tokens
+    first = nl.generate(target, prompt, max_new_tokens=10, strategy=strategy, drafter=heads)
+    again = nl.generate(target, prompt, max_new_tokens=10, strategy=strategy, drafter=loaded)
+    assert torch.equal(first.tokens, ar) and torch.equal(again.tokens, ar)
+    assert first.stats.rounds == again.stats.rounds
+
+
+def test_sps_drafter_loads_as_draft_model(tmp_path):
+    from nimblelm.generation.speculative.drafters import DraftModelDrafter
+
+    target = build("attention-tiny", dtype=torch.float32)
+    draft = build("attention-tiny", dtype=torch.float32, seed=5, num_layers=1)
+    draft.save(str(tmp_path / "model" / "drafters" / "sps"))
+    drafter = nl.load_drafter(str(tmp_path / "model"), "sps")
+    assert isinstance(drafter, DraftModelDrafter) and drafter.model.config.num_layers == 1
+    res = nl.generate(target, [1, 2, 3], max_new_tokens=8, strategy="sps", drafter=drafter)
+    assert torch.equal(res.tokens, nl.generate(target, [1, 2, 3], max_new_tokens=8).tokens)
+
+
+def test_checkpoint_and_mismatch_errors(tmp_path):
+    from nimblelm.drafter_io import save_drafter
+
+    target = build("attention-tiny")
+    save_drafter(MedusaHeads(64, 256), str(tmp_path / "m"))
+    with pytest.raises(nl.CheckpointError, match="holds a 'medusa' drafter, not 'hydra'"):
+        nl.load_drafter(str(tmp_path / "m"), "hydra")
+    with pytest.raises(nl.CheckpointError, match="unknown drafter kind 'tree'"):
+        nl.load_drafter(str(tmp_path / "m"), "tree")
+    with pytest.raises(nl.CheckpointError, match="no eagle drafter at"):
+        nl.load_drafter(str(tmp_path), "eagle")
+    with pytest.raises(nl.CheckpointError, match="draft heads, not a draft LM"):
+        nl.load_drafter(str(tmp_path / "m"), "sps")
+    (tmp_path / "m" / "drafter.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(nl.CheckpointError, match="not a readable safetensors file"):
+        nl.load_drafter(str(tmp_path / "m"), "medusa")
+    wrong_hidden = build("attention-tiny", hidden_size=32, num_heads=2)
+    with pytest.raises(nl.GenerationError, match="hidden_size=64, vocab_size=256 but the target has hidden_size=32"):
+        nl.generate(wrong_hidden, [1, 2], strategy="medusa", drafter=MedusaHeads(64, 256))
+    with pytest.raises(nl.GenerationError, match="vocabulary \\(300\\) differs from the target's \\(256\\)"):
+        nl.generate(target, [1, 2], strategy="eagle", drafter=EagleHead(64, 300))
+    with pytest.raises(nl.GenerationError, match="strategy 'eagle' needs drafter=<EagleHead>.*got MedusaHeads"):
+        nl.generate(target, [1, 2], strategy="eagle", drafter=MedusaHeads(64, 256))
+    with pytest.raises(nl.GenerationError, match="strategy 'eagle' needs drafter=<EagleHead>.*got Eagle2Drafter"):
+        nl.generate(target, [1, 2], strategy="eagle", drafter=Eagle2Drafter(EagleHead(64, 256)))
+    with pytest.raises(nl.GenerationError, match="max_depth must be in 1..2"):
+        HydraDrafter(HydraHeads(64, 256, num_heads=2), max_depth=3)
+    with pytest.raises(nl.GenerationError, match="total_tokens must be a positive integer or 'auto'"):
+        Eagle2Drafter(EagleHead(64, 256), total_tokens=0)
