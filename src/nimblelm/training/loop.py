@@ -68,6 +68,7 @@ class TrainResult:
     eval_loss: float | None
     history: list[dict] = field(default_factory=list)
     interrupted: bool = False
+    ranks_in_sync: bool | None = None   # None in a single process
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -145,9 +146,21 @@ def train(module: torch.nn.Module, loss_fn: LossFn, data: TokenData, config: Tra
         bar.close()
     if save is not None and rank == 0 and step >= config.max_steps:
         save(module, config.out_dir)
+    in_sync = None
     if world > 1:
+        in_sync = weights_agree_across_ranks(module)
         dist.barrier()
-    return TrainResult(step, train_loss, eval_loss, history, interrupted=step < config.max_steps)
+    return TrainResult(step, train_loss, eval_loss, history, interrupted=step < config.max_steps, ranks_in_sync=in_sync)
+
+
+@torch.no_grad()
+def weights_agree_across_ranks(module: torch.nn.Module) -> bool:
+    """True when every rank holds bit-identical parameters (compared via float64 sums)."""
+    flat = torch.cat([p.detach().double().flatten() for p in module.parameters()])
+    mine = torch.stack([flat.sum(), (flat * flat).sum(), (flat * torch.arange(flat.numel(), dtype=torch.float64)).sum()])
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
 @torch.no_grad()

@@ -116,6 +116,8 @@ def run(args) -> dict:
     result = train(model, lm_loss, data, train_config, save=save)
     summary = {"step": result.step, "max_steps": steps, "train_loss": result.train_loss, "eval_loss": result.eval_loss,
                "parameters": sum(p.numel() for p in model.parameters()), "interrupted": result.interrupted}
+    if result.ranks_in_sync is not None:
+        summary["world_size"], summary["ranks_in_sync"] = _world(), result.ranks_in_sync
     if result.eval_loss is not None:
         summary["eval_perplexity"] = math.exp(result.eval_loss)
     return summary
