@@ -24,7 +24,7 @@ import torch
 def tournament_layer(p: torch.Tensor, g: torch.Tensor, num_competitors: int = 2) -> torch.Tensor:
     """One layer. p [..., V] (rows sum to 1), g [..., V] in {0, 1} -> p' [..., V]."""
     g = g.to(p.dtype)
-    g1 = (p * g).sum(-1, keepdim=True)  # [..., 1]
+    g1 = (p * g).sum(-1, keepdim=True).clamp(0.0, 1.0)  # [..., 1]; rounding could leave [0, 1]
     if num_competitors == 2:
         return p * (1.0 + g - g1)
     g0 = 1.0 - g1
