@@ -216,6 +216,17 @@ def test_sampled_speculative_smoke():
     assert first.stats.rounds <= 16
 
 
+def test_watermarked_sampled_speculative_runs_like_the_converted_target():
+    """Same seed, same drafter: the HF target and its conversion draw the same tokens (their
+    processed distributions agree to ~1e-6 and the randomness is consumed identically)."""
+    model = hf_model("llama", torch.float32, seed=3)
+    converted = hf.from_hf(model)
+    wm = nl.watermark.SynthID(keys=[11, 22, 33, 44], ngram_len=3)
+    kwargs = dict(max_new_tokens=12, temperature=0.7, watermark=wm, strategy="sps", drafter=converted, seed=5)
+    ours, ref = nl.generate(model, [1, 2, 3], **kwargs), nl.generate(converted, [1, 2, 3], **kwargs)
+    assert torch.equal(ours.tokens, ref.tokens) and ours.stats.rounds == ref.stats.rounds
+
+
 # -- refusals ------------------------------------------------------------------------------------------
 def tiny_mamba(cls_name: str):
     configs = {"MambaForCausalLM": (transformers.MambaConfig, dict(state_size=8, expand=2, conv_kernel=4)),
