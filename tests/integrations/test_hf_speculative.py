@@ -75,6 +75,27 @@ def test_tree_logits_equal_each_path_decoded_alone(arch, dtype, attn):
         assert max_diff(bare.logits[0, node], ref) < TOL[dtype]
 
 
+def test_tree_call_after_left_padded_prefix_equals_unpadded_paths():
+    """Batch of two, row 0 left-padded by 2: padded cache slots stay invisible to the tree."""
+    model = hf_model("qwen2", torch.float64, seed=2)
+    target = hf.HFTarget(model)
+    prefix = torch.randint(0, 256, (2, 6))
+    real = torch.ones(2, 6, dtype=torch.bool)
+    real[0, :2] = False
+    cache = target.make_cache(2, 32)
+    target(prefix, (real.long().cumsum(1) - 1).clamp(min=0), cache=cache, token_mask=real)
+    spec = nl.TreeSpec(torch.tensor(PARENTS))
+    tree_tokens = torch.randint(0, 256, (2, len(PARENTS)))
+    positions = real.sum(1, keepdim=True) + spec.depth[None]  # [2, n]: real prefix length + depth
+    out = target(tree_tokens, positions, cache=cache, tree=spec)
+    for row in range(2):
+        for node in (0, 4, 5, 7):
+            alone = torch.cat([prefix[row][real[row]], tree_tokens[row, path_to(node)]])[None]
+            with torch.no_grad():
+                ref = model(alone).logits[0, -1]
+            assert max_diff(out.logits[row, node], ref) < 1e-10, (row, node)
+
+
 def dynamic_cache_tensors(cache: hf.HFCache) -> list[torch.Tensor]:
     return [t for layer in cache.past.layers for t in (layer.keys, layer.values)]
 
