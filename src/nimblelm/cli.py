@@ -50,6 +50,9 @@ def _build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark suite (each takes --json FILE)")
     bench.add_argument("suite", choices=sorted(BENCH_SUITES))
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options of the suite (see nimblelm bench SUITE --help)")
+    demo = sub.add_parser("demo", help="the shipped code model with every decoding strategy (nimblelm demo --help)",
+                          add_help=False)
+    demo.add_argument("args", nargs=argparse.REMAINDER)
     for name, (help_text, targets) in MODULE_COMMANDS.items():
         group = sub.add_parser(name, help=help_text)
         group.add_argument("what", choices=sorted(targets))
@@ -124,6 +127,12 @@ def cmd_bench(args) -> int:
     return module.main(args.args)
 
 
+def cmd_demo(args) -> int:
+    from . import demo
+
+    return demo.main(args.args)
+
+
 def cmd_module(args) -> int:
     import importlib
 
@@ -132,8 +141,13 @@ def cmd_module(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:  # all of the demo's options (--help included) belong to nimblelm.demo
+        argv = ["demo", "--", *argv[1:]]
     args = _build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "info": cmd_info, "bench": cmd_bench}
+    if getattr(args, "args", None) and args.args[:1] == ["--"]:
+        args.args = args.args[1:]
+    handlers = {"generate": cmd_generate, "info": cmd_info, "bench": cmd_bench, "demo": cmd_demo}
     try:
         return handlers.get(args.command, cmd_module)(args)
     except (NimbleError, FileNotFoundError, NotImplementedError) as exc:

@@ -8,6 +8,7 @@ and the token streams as flat uint16 arrays.
     data/code/{train,val,test}.bin           uint16 token ids, files joined by <|endoftext|>
     data/code/{train,val,test}.files.txt     which source files went where (relative paths)
     data/code/corpus.json                    source, counts, split rule
+    data/code/prompts.json                   prompts cut from held-out files (for bench spec / demo)
 
 The split is a pure function of each file's path relative to the stdlib root (sha256 of it,
 mod 100: < 90 train, < 95 validation, else test), so it is the same on every machine with
@@ -109,8 +110,28 @@ def build_corpus(out_dir: str, source: str | None = None, vocab_size: int = 8192
         info["splits"][split] = {"files": len(by_split[split]), "tokens": int(ids.size),
                                  "bytes": sum(len(t.encode("utf-8")) for t in texts[split])}
     tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    prompts = heldout_prompts(source, by_split["test"])
+    _write_atomic(os.path.join(out_dir, "prompts.json"), (json.dumps(prompts, indent=1) + "\n").encode())
+    info["heldout_prompts"] = len(prompts)
     _write_atomic(os.path.join(out_dir, "corpus.json"), (json.dumps(info, indent=2) + "\n").encode())
     return info
+
+
+def heldout_prompts(source: str, test_files: list[str], count: int = 24, context_lines: int = 30,
+                    min_rest_lines: int = 40) -> list[dict]:
+    """Prompts for the figures, from held-out (test split) files only: in each file, the first
+    ``def`` line at least a third of the way in with ``min_rest_lines`` lines after it; the
+    prompt is the ``context_lines`` lines before it plus the ``def`` line. Deterministic."""
+    prompts = []
+    for rel in sorted(test_files):
+        lines = read_source(os.path.join(source, rel)).splitlines(keepends=True)
+        for i in range(max(context_lines, len(lines) // 3), len(lines) - min_rest_lines):
+            if lines[i].lstrip().startswith("def ") and lines[i].rstrip().endswith(":"):
+                prompts.append({"file": rel, "line": i + 1, "text": "".join(lines[i - context_lines: i + 1])})
+                break
+        if len(prompts) == count:
+            break
+    return prompts
 
 
 def _write_atomic(path: str, data: bytes) -> None:
