@@ -201,6 +201,16 @@ def test_eagle_cached_drafting_equals_full_recompute():
                 out = head(target_embed(target, torch.tensor(tokens))[None], inputs[None])[0]
             ranked = target._head_logits(out[-1:][None])[0, 0].argsort(descending=True).tolist()
             assert kids == ranked[:len(kids)], (node, kids, ranked[:4])
+    # the head's own cache after the last round == a fresh prefill of the committed entries
+    context = trees[-1][0]
+    committed = len(context) - 1
+    assert drafter.cache.length == committed and drafter.cache.pending == 0
+    fresh = head.make_cache(committed)
+    head(target_embed(target, torch.tensor(context[1:]))[None], target(torch.tensor([context[:-1]])).hidden,
+         cache=fresh)
+    got, want = drafter.cache.states[0], fresh.states[0]
+    torch.testing.assert_close(got.k[:, :, :committed], want.k, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got.v[:, :, :committed], want.v, rtol=1e-10, atol=1e-10)
 
 
 # -- sampled decoding -------------------------------------------------------------------------------
