@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from .mqar_data import check_sizes
 from .mqar_train import MQARSetting, TrainOptions, decode_throughput, make_data, train_one
+from .probe_train import write_json_atomic
 from .report import run_and_report
 
 MIXERS = ["attention", "local_attention", "linear_attn", "based", "retnet", "gla", "mamba", "mamba2", "rglru",
@@ -149,20 +150,12 @@ def run_mqar(args: argparse.Namespace) -> dict:
             runs.append(record)
             bar.update(1)
             if path:
-                _write(path, {**results, "best": best_rows(runs)})
+                write_json_atomic(path, {**results, "best": best_rows(runs)})
     bar.close()
     results["best"] = best_rows(runs)
     if args.out:
         write_outputs(results, args.out)
     return results
-
-
-def _write(path: str, results: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(results, fh, indent=1)
-    os.replace(tmp, path)
 
 
 def best_rows(runs: list[dict]) -> list[dict]:

@@ -120,9 +120,9 @@ def train_one(setting: MQARSetting, lr: float, opts: TrainOptions,
         optimizer.step()
         scheduler.step()
         step, last_loss = step + 1, float(loss.detach())
-        if step == 10 and opts.time_limit_s is not None:  # fit the cosine horizon into the budget
-            per_step = deadline.elapsed() / step * 1.15  # + evaluation overhead
-            schedule.total_steps = max(step + 1, min(schedule.total_steps, int(opts.time_limit_s / per_step)))
+        if opts.time_limit_s is not None and (step == 10 or step % opts.eval_every == 0):
+            per_step = deadline.elapsed() / step  # fit the cosine horizon into the budget (re-estimated)
+            schedule.total_steps = max(step + 1, min(opts.max_steps, int(opts.time_limit_s / per_step)))
         if step % opts.eval_every == 0 or step >= schedule.total_steps:
             acc, test_loss = evaluate(model, test)
             best_acc = max(best_acc, acc)
