@@ -11,7 +11,8 @@ from . import __version__
 from .errors import NimbleError
 
 BENCH_SUITES = {"decode": "nimblelm.bench.decode", "mixers": "nimblelm.bench.mixers", "spec": "nimblelm.bench.spec",
-                "mqar": "nimblelm.bench.mqar", "markov": "nimblelm.bench.markov"}
+                "mqar": "nimblelm.bench.mqar", "markov": "nimblelm.bench.markov",
+                "watermark": "nimblelm.bench.watermark"}
 # Command groups whose subcommands live in their own modules: each module has
 # ``main(argv: list[str]) -> int`` and its own argparse parser (``--help`` works there).
 MODULE_COMMANDS = {

@@ -74,7 +74,7 @@ class BayesianDetector:
             opt.step()
         self.beta, self.delta = beta.detach(), delta.detach()
         self._null.clear()
-        return float(loss)
+        return float(loss.detach())
 
     # -- calibration under the null ------------------------------------------------------------
     def null_scores(self, scored: int) -> torch.Tensor:

@@ -22,11 +22,13 @@ import torch
 
 
 def tournament_layer(p: torch.Tensor, g: torch.Tensor, num_competitors: int = 2) -> torch.Tensor:
-    """One layer. p [..., V] (rows sum to 1), g [..., V] in {0, 1} -> p' [..., V]."""
+    """One layer. p [..., V] (rows sum to 1), g [..., V] in {0, 1} (any dtype) -> p' [..., V].
+    Rounding can leave values of order -1e-16 where p' = 0 exactly; :func:`tournament` clamps."""
     g = g.to(p.dtype)
-    g1 = (p * g).sum(-1, keepdim=True).clamp(0.0, 1.0)  # [..., 1]; rounding could leave [0, 1]
+    g1 = (p * g).sum(-1, keepdim=True)  # [..., 1] = E_p[g]
     if num_competitors == 2:
-        return p * (1.0 + g - g1)
+        return p * (g + (1.0 - g1))
+    g1 = g1.clamp(0.0, 1.0)
     g0 = 1.0 - g1
     win_one = (1.0 - g0 ** num_competitors) / g1.clamp_min(torch.finfo(p.dtype).tiny)
     return p * torch.where(g > 0, win_one, g0 ** (num_competitors - 1))
@@ -34,8 +36,10 @@ def tournament_layer(p: torch.Tensor, g: torch.Tensor, num_competitors: int = 2)
 
 def tournament(p: torch.Tensor, g: torch.Tensor, num_competitors: int = 2) -> torch.Tensor:
     """All layers. p [..., V], g [..., m, V] in {0, 1} -> the winner's distribution [..., V]."""
+    g = g.to(p.dtype)
     for layer in range(g.shape[-2]):
         p = tournament_layer(p, g[..., layer, :], num_competitors)
+    p = p.clamp_min(0.0)
     return p / p.sum(-1, keepdim=True)
 
 
