@@ -73,3 +73,26 @@ def test_quick_run_approaches_the_entropy_rate(tmp_path):
 def test_bad_chain_is_a_usage_error(capsys):
     assert markov.main(["--quick", "--chains", "0.5:1.2"]) == 2
     assert "(0, 1)" in capsys.readouterr().err
+
+
+def test_paper_model_logit_is_tied_readout_of_the_residual_stream():
+    """With the block weights zeroed, z_n = x_n e + p_n, so the logit is <e, x_n e + p_n> + b
+    (tied) or <a, ...> + b (untied): checks the binary embedding and the readout by hand."""
+    from nimblelm.bench.markov_model import PaperMarkovModel
+
+    torch.manual_seed(0)
+    tokens = torch.tensor([[0, 1, 1, 0, 1]])
+    for tied in (True, False):
+        model = PaperMarkovModel(8, 16, num_layers=1, tied=tied).double()
+        with torch.no_grad():
+            for p in model.blocks.parameters():
+                p.zero_()
+            model.b.fill_(0.25)
+        readout = model.e if tied else model.a
+        z = tokens[0, :, None].double() * model.e + model.pos[:5]
+        expected = z @ readout + 0.25
+        logits = model(tokens)
+        torch.testing.assert_close(logits[0, :, 1], expected, rtol=0, atol=1e-12)
+        assert torch.equal(logits[0, :, 0], torch.zeros(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="recurrent-1L"):
+        markov.resolve(markov.build_parser().parse_args(["--arch", "paper", "--variants", "recurrent-1L"]))

@@ -13,7 +13,10 @@ Variants (nimblelm LanguageModel, ``d_model`` wide, one head, a GELU MLP after t
 ``--recurrent-mixer`` instead of attention). Each is trained with AdamW + cosine decay on
 fresh chains every step, for several seeds, and evaluated on held-out chains; the table reports
 test loss, entropy rate, unigram loss and the fraction of the unigram-to-optimum gap closed
-(1 = optimal, 0 = the unigram minimum). ``--out DIR`` writes markov.md and markov_loss.png.
+(1 = optimal, 0 = the unigram minimum), both measured on the test chains themselves.
+``--arch paper`` trains the paper's own model instead (:mod:`nimblelm.bench.markov_model`: binary
+embedding x e + p_n, no normalisation, sigmoid readout tied to e), to tell apart what the
+finding owes to that architecture. ``--out DIR`` writes markov.md and markov_loss.png.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from tqdm import tqdm
 
 from ..models.config import ModelConfig
 from ..models.lm import LanguageModel
+from .markov_model import PaperMarkovModel
 from .probe_train import Deadline, make_optimizer, write_json_atomic
 from .report import run_and_report
 
@@ -100,9 +104,20 @@ def markov_config(variant: str, d_model: int, seq_len: int, recurrent_mixer: str
                        extra={"mamba_head_dim": min(64, 2 * d_model)})
 
 
-def next_token_loss(model: LanguageModel, chains: torch.Tensor) -> torch.Tensor:
+def build_model(variant: str, opts: dict) -> torch.nn.Module:
+    """A nimblelm LanguageModel (``arch="nimblelm"``) or the paper's model (``"paper"``)."""
+    if opts.get("arch", "nimblelm") == "nimblelm":
+        return LanguageModel(markov_config(variant, opts["d_model"], opts["seq_len"], opts["recurrent_mixer"]))
+    layers, tied, mixer = VARIANTS[variant]
+    if mixer is not None:
+        raise ValueError(f"--arch paper has attention variants only, not {variant!r}")
+    return PaperMarkovModel(opts["d_model"], opts["seq_len"], layers, tied)
+
+
+def next_token_loss(model: torch.nn.Module, chains: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of predicting chains[:, 1:] from chains[:, :-1] (every position)."""
-    logits = model(chains[:, :-1]).logits  # [B, T-1, 2]
+    out = model(chains[:, :-1])
+    logits = out if isinstance(out, torch.Tensor) else out.logits  # [B, T-1, 2]
     return F.cross_entropy(logits.reshape(-1, 2), chains[:, 1:].reshape(-1))
 
 
@@ -111,7 +126,7 @@ def train_markov(run: MarkovRun, opts: dict, progress=None) -> dict:
     rng = np.random.default_rng(1000 + run.seed)
     test = sample_chains(opts["num_test"], opts["seq_len"], run.p, run.q, np.random.default_rng(7))
     torch.manual_seed(run.seed)
-    model = LanguageModel(markov_config(run.variant, opts["d_model"], opts["seq_len"], opts["recurrent_mixer"]))
+    model = build_model(run.variant, opts)
     optimizer, scheduler, schedule = make_optimizer(model, opts["lr"], opts["weight_decay"], opts["steps"],
                                                     warmup_steps=min(50, opts["steps"] // 10))
     deadline, step = Deadline(opts["time_limit"]), 0
@@ -131,7 +146,8 @@ def train_markov(run: MarkovRun, opts: dict, progress=None) -> dict:
     with torch.no_grad():
         test_loss = float(next_token_loss(model, test))
     oracle, unigram = reference_losses(test, run.p, run.q)
-    return dict(p=run.p, q=run.q, variant=run.variant, seed=run.seed, test_loss=test_loss,
+    label = run.variant if opts.get("arch", "nimblelm") == "nimblelm" else f"paper:{run.variant}"
+    return dict(p=run.p, q=run.q, variant=label, seed=run.seed, test_loss=test_loss,
                 entropy_rate=entropy_rate(run.p, run.q), unigram_loss=unigram_loss(run.p, run.q),
                 test_oracle_loss=oracle, test_unigram_loss=unigram,
                 gap_closed=(unigram - test_loss) / (unigram - oracle), steps=step,
@@ -155,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--num-test", type=int, help="held-out chains (default 512)")
     p.add_argument("--time-limit", type=float, help="seconds per run (default 120)")
+    p.add_argument("--arch", choices=["nimblelm", "paper"], default="nimblelm",
+                   help="nimblelm's LanguageModel, or the paper's model (markov_model.py; no norm, binary embedding)")
     p.add_argument("--recurrent-mixer", default="gla", help="mixer of the recurrent-1L variant (default gla)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     return p
@@ -163,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace) -> dict:
     base = QUICK if args.quick else FULL
     o = {k: (getattr(args, k) if getattr(args, k, None) is not None else v) for k, v in base.items()}
-    o["weight_decay"], o["recurrent_mixer"] = args.weight_decay, args.recurrent_mixer
+    o["weight_decay"], o["recurrent_mixer"], o["arch"] = args.weight_decay, args.recurrent_mixer, args.arch
     chains = []
     for item in str(o["chains"]).split(","):
         try:
@@ -178,6 +196,8 @@ def resolve(args: argparse.Namespace) -> dict:
     unknown = [v for v in o["variants"] if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    if o["arch"] == "paper" and any(VARIANTS[v][2] is not None for v in o["variants"]):
+        raise ValueError("--arch paper builds attention models only; drop recurrent-1L from --variants")
     return o
 
 
@@ -190,12 +210,13 @@ def run_markov(args: argparse.Namespace) -> dict:
 
         with open(args.json, encoding="utf-8") as fh:
             previous = json.load(fh).get("runs", [])
+    prefix = "" if o["arch"] == "nimblelm" else "paper:"
     done = {(r["p"], r["q"], r["variant"], r["seed"]) for r in previous}
     todo = [MarkovRun(p, q, v, s) for (p, q) in o["chains"] for v in o["variants"] for s in range(o["seeds"])]
     runs = list(previous)
     bar = tqdm(todo, desc="markov", file=sys.stderr, disable=args.quick)
     for run in bar:
-        if (run.p, run.q, run.variant, run.seed) not in done:
+        if (run.p, run.q, prefix + run.variant, run.seed) not in done:
             runs.append(train_markov(run, o, progress=bar))
             if args.json:
                 write_json_atomic(args.json, {"runs": runs})
