@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 import torch
 
 from nimblelm.generation.watermark.hashing import g_value_reference, g_values, layer_seeds
@@ -64,3 +66,11 @@ def test_keys_change_everything_and_layer_index_matters():
     assert torch.equal(a[:, 0], b[:, 0]) and 0.4 < float((a[:, 1] != b[:, 1]).double().mean()) < 0.6
     same_key = g_values(layer_seeds([5, 5]), contexts, torch.arange(50))
     assert 0.4 < float((same_key[:, 0] != same_key[:, 1]).double().mean()) < 0.6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_identical_on_cuda():
+    seeds = layer_seeds([2**63 + 5, -7, 123])
+    contexts = torch.randint(0, 2**31, (64, 4))
+    vocab = torch.arange(5000)
+    assert torch.equal(g_values(seeds, contexts, vocab), g_values(seeds, contexts.cuda(), vocab.cuda()).cpu())

@@ -92,3 +92,14 @@ def test_zero_probability_tokens_stay_zero_and_rows_sum_to_one():
     assert torch.all(out[:, 10:20] == 0)
     assert torch.allclose(out.sum(-1), torch.ones(3, dtype=torch.float64), atol=1e-12)
     assert float((out - p).abs().max()) > 1e-3  # and it did change something
+
+
+def test_fast_loop_equals_layer_by_layer():
+    from nimblelm.generation.watermark.tournament import tournament_layer
+
+    p = torch.softmax(torch.randn(4, 100, dtype=torch.float64), -1)
+    g = torch.randint(0, 2, (4, 30, 100))
+    want = p
+    for layer in range(30):
+        want = tournament_layer(want, g[:, layer])
+    assert float((tournament(p, g) - want / want.sum(-1, keepdim=True)).abs().max()) < 1e-14
