@@ -29,6 +29,7 @@ class GenerationStats:
     rounds: int = 0  # target calls that emitted tokens (a prefill of prompt[:-1] emits none)
     prefill_s: float = 0.0
     total_s: float = 0.0
+    draft_s: float = 0.0  # wall time inside the drafter's propose() (speculative strategies)
 
     @property
     def accepted_per_call(self) -> float:
@@ -50,7 +51,7 @@ class GenerationStats:
         return {"target_calls": self.target_calls, "draft_calls": self.draft_calls, "new_tokens": self.new_tokens,
                 "rounds": self.rounds,
                 "accepted_per_call": self.accepted_per_call, "tokens_per_s": self.tokens_per_s,
-                "decode_tokens_per_s": self.decode_tokens_per_s, "prefill_s": self.prefill_s,
+                "decode_tokens_per_s": self.decode_tokens_per_s, "prefill_s": self.prefill_s, "draft_s": self.draft_s,
                 "total_s": self.total_s}
 
 

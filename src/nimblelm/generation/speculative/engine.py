@@ -67,7 +67,9 @@ def speculative_rounds(request: GenerationRequest, drafter, strategy: str) -> It
     stats.prefill_s = time.perf_counter() - start
     context, emitted = list(prompt), 0
     while emitted < request.max_new_tokens:
+        proposing = time.perf_counter()
         tree = drafter.propose(context)
+        stats.draft_s += time.perf_counter() - proposing
         spec = tree.to_spec()
         out = target(tree.tokens[None], tree.positions(cache.length)[None], cache=cache, tree=spec)
         stats.target_calls += 1
