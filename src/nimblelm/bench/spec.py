@@ -91,11 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
     parser.add_argument("--hf-assistant-defaults", action="store_true",
                         help="keep transformers' assisted-generation defaults instead of matching sps (see above)")
+    parser.add_argument("--model", help="a trained target (shipped name or dir): runs the held-out-prompt suite "
+                        "of nimblelm.bench.spec_models instead (see nimblelm bench spec --model X --help)")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--model" or a.startswith("--model=") for a in argv):  # trained targets: their own suite
+        from . import spec_models
+
+        return spec_models.main(argv)
     args = build_parser().parse_args(argv)
     results = run_and_report(run_spec_bench, format_table, args)
     if results is None:
