@@ -22,6 +22,7 @@ def test_watermark_bench_smoke(tmp_path, capsys):
     for row in results["rows"]:
         assert set(row["tpr"]) == {"mean", "weighted_mean", "bayesian"}
         assert all(0.0 <= v <= 1.0 for v in row["tpr"].values())
+    assert results["plot"] is None or (tmp_path / "wm.png").exists()
     assert set(results["timing"]) == {"ar", "ar+wm", "sps", "sps+wm(high_detectability)", "sps+wm(fast)"}
 
 

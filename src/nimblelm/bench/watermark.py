@@ -8,7 +8,7 @@
   of the same model is reported next to them. Each text is a prefix of one 400-token
   generation from a random prompt. The Bayesian detector is trained first on separate
   watermarked texts (both temperatures, autoregressive).
-* Cost: ms per generated token with and without the watermark (autoregressive, batch 1) and
+* Cost (``--plot`` / next to ``--json``: a PNG of TPR vs length): ms per generated token with and without the watermark (autoregressive, batch 1) and
   tau (tokens per target call) and tokens/s for ``sps`` without watermark, high-detectability
   and fast.
 
@@ -141,7 +141,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                         "tpr": flags(marked, config, bayes, length, args.fpr),
                                         "fpr_empirical": flags(null, config, bayes, length, args.fpr)})
     results["timing"] = time_generation(target, drafter, config, args)
+    plot = args.plot or (args.json and (args.json[:-5] if args.json.endswith(".json") else args.json) + ".png")
+    results["plot"] = write_plot(results, plot) if plot else None
     return results
+
+
+def write_plot(results: dict[str, Any], path: str) -> str | None:
+    """TPR vs length, one panel per (temperature, speculative), one line per detector; None
+    when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    panels = sorted({(r["temperature"], r["speculative"]) for r in results["rows"]})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), sharey=True, squeeze=False)
+    for ax, (temp, spec) in zip(axes[0], panels):
+        rows = [r for r in results["rows"] if (r["temperature"], r["speculative"]) == (temp, spec)]
+        for det in DETECTORS:
+            ax.plot([r["length"] for r in rows], [r["tpr"][det] for r in rows], marker="o", label=det)
+        ax.set_xscale("log")
+        ax.set_xticks(results["lengths"], [str(n) for n in results["lengths"]])
+        ax.minorticks_off()
+        ax.set_title(f"T={temp}, speculative {'on' if spec else 'off'}", fontsize=9)
+        ax.set_xlabel("tokens")
+    axes[0][0].set_ylabel(f"TPR at {results['fpr']:.0%} FPR")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -174,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--plot", metavar="FILE", help="PNG path (default: the --json path with .png)")
     return parser
 
 
