@@ -74,3 +74,13 @@ def test_identical_on_cuda():
     contexts = torch.randint(0, 2**31, (64, 4))
     vocab = torch.arange(5000)
     assert torch.equal(g_values(seeds, contexts, vocab), g_values(seeds, contexts.cuda(), vocab.cuda()).cpu())
+
+
+def test_context_cache_equals_tensor_hashes():
+    from nimblelm.generation.watermark.hashing import ContextHashCache, context_hashes
+
+    seeds = layer_seeds([9, 8, 7, 2**50])
+    cache = ContextHashCache(seeds, max_entries=10)
+    for trial in range(3):  # hits, misses and a cache that starts over
+        contexts = torch.randint(0, 2**31, (8 if trial else 2, 4), generator=torch.Generator().manual_seed(trial % 2))
+        assert torch.equal(cache(contexts), context_hashes(seeds, contexts))

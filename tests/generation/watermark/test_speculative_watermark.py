@@ -24,7 +24,21 @@ from nimblelm.generation.watermark.speculative import SpeculativeWatermark
 from ...conftest import build
 
 VOCAB = 3
-CONFIG = SynthID(keys=[101, 202], ngram_len=2)  # H = 1 on 3 tokens: contexts repeat within a round
+
+
+def nontrivial_keys() -> list[int]:
+    """The first key pair whose g-values are not constant over the 3 tokens in any context
+    (with V = 3 a layer with constant g leaves p unchanged: the checks would be vacuous)."""
+    from nimblelm.generation.watermark.hashing import g_values, layer_seeds
+
+    for first in range(100, 200):
+        g = g_values(layer_seeds([first, first + 1]), torch.tensor([[0], [1], [2]]), torch.arange(VOCAB))
+        if bool((g.amax(-1) != g.amin(-1)).all()):
+            return [first, first + 1]
+    raise AssertionError("no usable keys")
+
+
+CONFIG = SynthID(keys=nontrivial_keys(), ngram_len=2)  # H = 1 on 3 tokens: contexts repeat within a round
 PROMPT = (0, 1, 0)
 
 

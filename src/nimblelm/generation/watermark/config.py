@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from ...errors import NimbleError
-from .hashing import layer_seeds
+from .hashing import ContextHashCache, layer_seeds
 
 SPECULATIVE_MODES = ("high_detectability", "fast")
 
@@ -86,3 +86,8 @@ class SynthID:
     def seeds(self) -> tuple[int, ...]:
         """32-bit per-layer seeds derived from the keys (hashing.layer_seeds)."""
         return tuple(layer_seeds(self.keys))
+
+    @cached_property
+    def context_cache(self) -> ContextHashCache:
+        """Memoised per-context hashes shared by everything that uses this config."""
+        return ContextHashCache(self.seeds)

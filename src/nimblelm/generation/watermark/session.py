@@ -119,12 +119,18 @@ def apply_watermark(config: SynthID, probs: torch.Tensor, contexts: torch.Tensor
     rows = torch.tensor(marked, dtype=torch.bool, device=probs.device)
     if not bool(rows.any()):
         return probs
+    chosen = contexts[rows]
+    hashes = config.context_cache(chosen).to(probs.device)  # [r, m]
     work = probs[rows].double()  # [r, V]
     support = (work > 0).any(0).nonzero()[:, 0]  # [S] candidate ids
-    g = g_values(config.seeds, contexts[rows].to(probs.device), support)  # [r, m, S]
+    full = support.numel() == probs.shape[-1]
+    g = g_values(config.seeds, chosen, support, hashes=hashes)  # [r, m, S]
     out = probs.double().clone()
-    out[rows] = 0.0
-    out[rows.nonzero()[:, 0][:, None], support[None, :]] = tournament(work[:, support], g, config.num_competitors)
+    if full:  # no top-k / top-p: every token is a candidate
+        out[rows] = tournament(work, g, config.num_competitors)
+    else:
+        out[rows] = 0.0
+        out[rows.nonzero()[:, 0][:, None], support[None, :]] = tournament(work[:, support], g, config.num_competitors)
     return out.to(probs.dtype)
 
 

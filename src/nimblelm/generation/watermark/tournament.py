@@ -18,6 +18,7 @@ top-p (it is applied after temperature / top-k / top-p).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -36,6 +37,8 @@ def tournament_layer(p: torch.Tensor, g: torch.Tensor, num_competitors: int = 2)
 
 def tournament(p: torch.Tensor, g: torch.Tensor, num_competitors: int = 2) -> torch.Tensor:
     """All layers. p [..., V], g [..., m, V] in {0, 1} -> the winner's distribution [..., V]."""
+    if num_competitors == 2 and p.device.type == "cpu" and p.dtype == torch.float64:
+        return _tournament_numpy(p, g)
     g = g.to(p.dtype)
     if num_competitors == 2:  # tournament_layer with fewer tensor ops: p <- p * ((1 + g_l) - E_p[g_l])
         one_plus_g = g + 1.0
@@ -46,6 +49,19 @@ def tournament(p: torch.Tensor, g: torch.Tensor, num_competitors: int = 2) -> to
             p = tournament_layer(p, g[..., layer, :], num_competitors)
     p = p.clamp_min(0.0)
     return p / p.sum(-1, keepdim=True)
+
+
+def _tournament_numpy(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The 2-competitor loop of :func:`tournament` in numpy (CPU float64): the same
+    arithmetic, with a fraction of torch's per-op overhead on the small rows of decoding."""
+    work = p.numpy().copy()
+    bits = g.numpy().astype(np.float64)
+    one_plus_g = bits + 1.0
+    for layer in range(bits.shape[-2]):
+        work *= one_plus_g[..., layer, :] - (work * bits[..., layer, :]).sum(-1, keepdims=True)
+    np.maximum(work, 0.0, out=work)
+    work /= work.sum(-1, keepdims=True)
+    return torch.from_numpy(work)
 
 
 def tournament_reference(p: list[float], g: list[list[int]], num_competitors: int = 2) -> list[float]:
