@@ -86,6 +86,8 @@ def test_errors_are_clear():
         detect([], KEYS)
     with pytest.raises(WatermarkError, match="no token"):
         detect([1, 2, 3], KEYS)
+    with pytest.raises(WatermarkError, match="fpr"):
+        detect(list(range(20)), KEYS, fpr=1.5)
     with pytest.raises(WatermarkError, match="detector"):
         detect(list(range(20)), KEYS, detector="median")
     with pytest.raises(WatermarkError):

@@ -151,6 +151,8 @@ def detect(tokens, config: SynthID, detector="mean", fpr: float = 0.01,
     of ``config``. detector: "mean" (exact binomial p-value), "weighted_mean", or a trained
     :class:`BayesianDetector`. ``is_watermarked`` iff p_value <= fpr. ``prompt`` (optional)
     lets the first ngram_len - 1 tokens be scored too."""
+    if not 0 < fpr < 1:
+        raise WatermarkError(f"fpr must be in (0, 1), got {fpr}")
     tokens = as_token_list(tokens)
     if not tokens:
         raise WatermarkError("the text to detect is empty; pass the generated token ids")
