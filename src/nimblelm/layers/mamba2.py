@@ -24,6 +24,7 @@ from ..errors import ConfigError
 from ..models.config import ModelConfig
 from ..ops.gla import chunk_gla, step_gla
 from ..ops.short_conv import causal_conv1d, step_causal_conv1d
+from ..ops.tree import tree_causal_conv1d, tree_gla_scalar
 from .recurrent import RecurrentMixer
 from .registry import register_mixer
 
@@ -104,3 +105,16 @@ class Mamba2(RecurrentMixer):
         inputs = self._ssd_inputs(xBC, dt)
         o, ssm = step_gla(**inputs, state=state["ssm"])
         return self._output(o, inputs["v"], z), {"conv": conv, "ssm": ssm}
+
+    def _tree_forward(self, x: torch.Tensor, tree, positions, state) -> torch.Tensor:
+        """All nodes of a draft tree in one pass (the masked SSD form over the ancestor mask)
+        instead of one step per level; node states stay pending until ``commit``. Equal to
+        the level-by-level base form (the tests' oracle)."""
+        z, xBC, dt = self._split(x)  # [B, n, ...]
+        xBC, conv_states = tree_causal_conv1d(xBC, self.conv_weight, self.conv_bias, "silu", state.tensors["conv"],
+                                              tree.parents.tolist())
+        inputs = self._ssd_inputs(xBC, dt)
+        o, ssm_states = tree_gla_scalar(inputs["q"], inputs["k"], inputs["v"], inputs["g"], tree.ancestor_mask,
+                                        inputs["scale"], state.tensors["ssm"])
+        state.pending = {"conv": conv_states, "ssm": ssm_states}
+        return self._output(o, inputs["v"], z)
