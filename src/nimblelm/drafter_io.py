@@ -75,7 +75,9 @@ def drafter_dir(path_or_name: str, kind: str) -> str:
         if resolve_model_path is not None:
             path = resolve_model_path(path_or_name)
     nested = os.path.join(path, "drafters", kind)
-    for candidate in (nested, path):
+    # a shipped model's name means its drafters/<kind>/ only (its own directory is the target)
+    candidates = (nested, path) if os.path.isdir(path_or_name) else (nested,)
+    for candidate in candidates:
         if os.path.isfile(os.path.join(candidate, marker)):
             return candidate
     if kind == "sps" and os.path.isfile(os.path.join(path, DRAFTER_CONFIG)):
