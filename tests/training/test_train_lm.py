@@ -138,6 +138,10 @@ def test_train_lm_cli_writes_a_loadable_checkpoint(corpus_dir, tmp_path, capsys)
     assert summary["step"] == 3 and summary["eval_loss"] > 0
     model = nl.load(out)
     assert model.tokenizer is not None and model.config.vocab_size == 300
+    assert train_lm_main(["--data", corpus_dir, "--evaluate", out, "--split", "val", "--eval-batches", "2",
+                          "--batch-size", "2", "--seq-len", "16"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["split"] == "val" and evaluated["loss"] == pytest.approx(summary["eval_loss"], rel=1e-4)
     with pytest.raises(NimbleError, match="KEY=VALUE"):
         train_lm_main(["--data", corpus_dir, "--out", out, *TINY_SET, "--set", "nonsense"])
 

@@ -45,10 +45,12 @@ def ce_only(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nimblelm train lm", description="Train a language model on a corpus directory.")
     p.add_argument("--data", required=True, metavar="DIR", help="corpus directory (nimblelm train corpus)")
+    p.add_argument("--evaluate", metavar="MODEL", help="only report MODEL's loss on --split (no training)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split for --evaluate")
     p.add_argument("--preset", help="model preset (see nimblelm.preset_names())")
     p.add_argument("--config", metavar="JSON", help="a config.json instead of --preset")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", metavar="DIR", help="run directory (required unless --evaluate)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: one epoch of the train split)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step per process")
     p.add_argument("--seq-len", type=int, default=256)
@@ -123,12 +125,34 @@ def run(args) -> dict:
     return summary
 
 
+def evaluate_model(model_dir: str, data_dir: str, split: str, batches: int, batch_size: int, seq_len: int) -> dict:
+    """Mean next-token loss (nats) and perplexity of a checkpoint on a corpus split (fixed,
+    evenly spaced windows: the same ones for every model)."""
+    import nimblelm as nl
+
+    model = nl.load(model_dir).eval()
+    data = TokenData(data_dir)
+    config = TrainConfig(out_dir=model_dir, max_steps=1, batch_size=batch_size, seq_len=seq_len,
+                         eval_batches=batches)
+    loss = evaluate(model, ce_only, data, config, split=split)
+    tokens = min(batches * batch_size, (data.num_tokens(split) - 1) // (seq_len + 1)) * seq_len
+    return {"model": model_dir, "split": split, "loss": loss, "perplexity": math.exp(loss), "tokens": tokens}
+
+
 def _world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.evaluate:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        summary = evaluate_model(args.evaluate, args.data, args.split, args.eval_batches, args.batch_size, args.seq_len)
+        print(json.dumps(summary))
+        return 0
+    if not args.out:
+        raise NimbleError("--out DIR is required to train (or pass --evaluate MODEL)")
     summary = run(args)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
