@@ -13,12 +13,13 @@ from nimblelm.cli import main
 def test_watermark_bench_smoke(tmp_path, capsys):
     out = tmp_path / "wm.json"
     code = main(["bench", "watermark", "--texts", "2", "--lengths", "25,40", "--temperatures", "1.0",
-                 "--timing-tokens", "8", "--repeats", "1", "--null-samples", "50", "--json", str(out)])
+                 "--timing-tokens", "8", "--repeats", "1", "--null-samples", "50", "--fast-rows", "--json", str(out)])
     assert code == 0
     table = capsys.readouterr().out
     assert "TPR at 1% FPR" in table and "sps+wm(fast)" in table
     results = json.loads(out.read_text())
-    assert len(results["rows"]) == 4  # 2 lengths x speculative off/on
+    assert len(results["rows"]) == 6  # 2 lengths x speculative off / high_detectability / fast
+    assert {r["speculative"] for r in results["rows"]} == {"off", "high_detectability", "fast"}
     for row in results["rows"]:
         assert set(row["tpr"]) == {"mean", "weighted_mean", "bayesian"}
         assert all(0.0 <= v <= 1.0 for v in row["tpr"].values())

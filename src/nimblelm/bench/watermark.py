@@ -2,7 +2,8 @@
 
 * TPR at a 1% false-positive rate vs text length (25, 50, 100, 200, 400 tokens) for the mean,
   weighted-mean and Bayesian detectors, at temperatures 0.7 and 1.0, with speculative
-  decoding off (autoregressive) and on (``sps``, high-detectability mode, the default).
+  decoding off (autoregressive) and on (``sps``, high-detectability mode, the default;
+  ``--fast-rows`` adds sps in fast mode, where only bonus/correction tokens are watermarked).
   Thresholds are the calibrated ones (exact binomial for mean, normal with the exact variance
   for weighted mean, simulated null for Bayesian); the empirical FPR on unwatermarked texts
   of the same model is reported next to them. Each text is a prefix of one 400-token
@@ -64,10 +65,13 @@ def prompts(count: int, vocab: int, seed: int, length: int = 8) -> list[list[int
     return torch.randint(0, vocab, (count, length), generator=gen).tolist()
 
 
-def generate_texts(target, drafter, rows, length, temperature, config, spec: bool, seed: int) -> list[list[int]]:
-    if not spec:  # one batched call: rows are independent (each its own context)
+def generate_texts(target, drafter, rows, length, temperature, config, spec: str, seed: int) -> list[list[int]]:
+    """spec: "off" (autoregressive, one batched call: each row uses its own context) or the
+    SynthID speculative mode for ``sps``."""
+    if spec == "off":
         res = nl.generate(target, rows, max_new_tokens=length, temperature=temperature, watermark=config, seed=seed)
         return res.sequences()
+    config = SynthID(keys=config.keys, ngram_len=config.ngram_len, speculative=spec)
     return [nl.generate(target, row, max_new_tokens=length, temperature=temperature, watermark=config,
                         strategy="sps", drafter=DraftModelDrafter(drafter), seed=seed + i).sequences()[0]
             for i, row in enumerate(rows)]
@@ -125,16 +129,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = SynthID(keys=[args.seed * 1000 + k for k in range(30)])
     train = []
     for t in temps:  # Bayesian training texts: separate prompts and seeds
-        train += generate_texts(target, drafter, prompts(args.texts, vocab, args.seed + 7), longest, t, config, False, 7)
+        train += generate_texts(target, drafter, prompts(args.texts, vocab, args.seed + 7), longest, t, config, "off", 7)
     bayes = BayesianDetector(config.depth, null_samples=args.null_samples)
     bayes.fit([text_g_values(t, config) for t in train], steps=200)
     results: dict[str, Any] = {"model": args.model or "random attention-tiny (vocab 1024)", "texts": args.texts,
                                "fpr": args.fpr, "lengths": lengths, "rows": []}
     for t in temps:
         rows = prompts(args.texts, vocab, args.seed + int(100 * t))
-        null = generate_texts(target, None, rows, longest, t, None, False, 3)
+        null = generate_texts(target, None, rows, longest, t, None, "off", 3)
         entropy = mean_entropy(target, [r + n[:8] for r, n in zip(rows, null)], t)
-        for spec in ([False, True] if drafter is not None else [False]):
+        modes = ["off"] + (["high_detectability"] + (["fast"] if args.fast_rows else []) if drafter is not None else [])
+        for spec in modes:
             marked = generate_texts(target, drafter, rows, longest, t, config, spec, 11)
             for length in lengths:
                 results["rows"].append({"temperature": t, "speculative": spec, "length": length, "entropy": entropy,
@@ -165,7 +170,7 @@ def write_plot(results: dict[str, Any], path: str) -> str | None:
         ax.set_xscale("log")
         ax.set_xticks(results["lengths"], [str(n) for n in results["lengths"]])
         ax.minorticks_off()
-        ax.set_title(f"T={temp}, speculative {'on' if spec else 'off'}", fontsize=9)
+        ax.set_title(f"T={temp}, speculative {spec}", fontsize=9)
         ax.set_xlabel("tokens")
     axes[0][0].set_ylabel(f"TPR at {results['fpr']:.0%} FPR")
     axes[0][0].legend(fontsize=8)
@@ -178,10 +183,10 @@ def write_plot(results: dict[str, Any], path: str) -> str | None:
 def format_table(results: dict[str, Any]) -> str:
     lines = [f"SynthID-Text detection: TPR at {results['fpr']:.0%} FPR ({results['texts']} texts per row; "
              f"empirical FPR on unwatermarked texts in brackets) -- {results['model']}",
-             f"{'temp':>5} {'spec':>5} {'len':>4} {'entropy':>7} " + " ".join(f"{d:>18}" for d in DETECTORS)]
+             f"{'temp':>5} {'speculative':>18} {'len':>4} {'entropy':>7} " + " ".join(f"{d:>18}" for d in DETECTORS)]
     for row in results["rows"]:
         cells = " ".join(f"{row['tpr'][d]:>8.2f} [{row['fpr_empirical'][d]:.2f}]".rjust(18) for d in DETECTORS)
-        lines.append(f"{row['temperature']:>5.1f} {'on' if row['speculative'] else 'off':>5} {row['length']:>4} "
+        lines.append(f"{row['temperature']:>5.1f} {row['speculative']:>18} {row['length']:>4} "
                      f"{row['entropy']:>7.2f} {cells}")
     lines.append("cost (temperature 1.0, batch 1):")
     for name, t in results["timing"].items():
@@ -194,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", metavar="DIR", help="checkpoint to watermark (default: a random tiny model)")
     parser.add_argument("--drafter", metavar="DIR", help="draft model for --model (speculative rows need one)")
     parser.add_argument("--texts", type=int, default=12, help="texts per row (default 12)")
+    parser.add_argument("--fast-rows", action="store_true", help="also rows for sps in the 'fast' watermark mode")
     parser.add_argument("--lengths", default="25,50,100,200,400")
     parser.add_argument("--temperatures", default="0.7,1.0")
     parser.add_argument("--fpr", type=float, default=0.01)
