@@ -60,7 +60,7 @@ def speculative_rounds(request: GenerationRequest, drafter, strategy: str) -> It
     observe = getattr(drafter, "observe_features", None)  # feature drafters (Medusa, Hydra, EAGLE): hidden [n, D]
     stats, start = GenerationStats(), time.perf_counter()
     if len(prompt) > 1:
-        out = target(torch.tensor([prompt[:-1]]), cache=cache)
+        out = target(torch.tensor([prompt[:-1]]), cache=cache, logits_to_keep=1)  # prefill logits are unused
         stats.target_calls += 1
         if observe is not None:
             observe(out.hidden[0])
