@@ -12,8 +12,8 @@ THREADS=${THREADS:-1}
 
 common="--data data/code --batch-size 16 --seq-len 256 --lr 3e-3 --min-lr 3e-4 --warmup 30 --eval-batches 4
         --checkpoint-every 20 --threads $THREADS --weight-dtype float16"
-$NL train lm --preset code-attn   --out runs/code-attn   --steps 240 --eval-every 80 $common &
-$NL train lm --preset code-hybrid --out runs/code-hybrid --steps 170 --eval-every 85 $common &
+$NL train lm --preset code-attn   --out runs/code-attn   --steps 480 --eval-every 80 $common &
+$NL train lm --preset code-hybrid --out runs/code-hybrid --steps 340 --eval-every 85 $common &
 wait
 
 drafter() {  # target kind steps
