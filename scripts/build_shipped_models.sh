@@ -22,11 +22,11 @@ drafter() {  # target kind steps
       --checkpoint-every 20 --threads "$THREADS" --weight-dtype float16
 }
 for target in code-attn code-hybrid; do
-  drafter $target eagle  ${DRAFT_STEPS:-200} &
-  drafter $target medusa ${DRAFT_STEPS:-200} &
+  drafter $target eagle  ${DRAFT_STEPS:-100} &
+  drafter $target medusa ${DRAFT_STEPS:-100} &
   wait
-  drafter $target hydra  ${DRAFT_STEPS:-200} &
-  drafter $target sps    ${DRAFT_STEPS:-200} &
+  drafter $target hydra  ${DRAFT_STEPS:-100} &
+  drafter $target sps    ${DRAFT_STEPS:-100} &
   wait
 done
 

@@ -98,8 +98,10 @@ def bench_model(name: str, strategies: list[str], temperatures: list[float], arg
               flush=True)
         for runner in runners.values():  # warm-up (also calibrates total_tokens='auto')
             runner(prompts[0], 8, temperature, seed=0)
-        measured = {row: [runner(p, args.new_tokens, temperature, seed=i) for i, p in enumerate(prompts)]
-                    for row, runner in runners.items()}
+        measured: dict[str, list[dict]] = {row: [] for row in runners}
+        for i, prompt in enumerate(prompts):  # rows interleaved per prompt: load drift hits them alike
+            for row, runner in runners.items():
+                measured[row].append(runner(prompt, args.new_tokens, temperature, seed=i))
         rows += summarise(name, temperature, measured)
     return rows, skipped
 
