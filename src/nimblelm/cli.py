@@ -16,7 +16,7 @@ BENCH_SUITES = {"decode": "nimblelm.bench.decode", "mixers": "nimblelm.bench.mix
 # Command groups whose subcommands live in their own modules: each module has
 # ``main(argv: list[str]) -> int`` and its own argparse parser (``--help`` works there).
 MODULE_COMMANDS = {
-    "train": ("train a language model or drafter heads (nimblelm train {lm,drafter} --help)",
+    "train": ("build the corpus, train a language model or drafter heads (nimblelm train {corpus,lm,drafter} --help)",
               {"corpus": "nimblelm.training.corpus", "lm": "nimblelm.training.train_lm",
                "drafter": "nimblelm.training.train_drafter"}),
     "watermark": ("SynthID-Text watermark tools (nimblelm watermark detect --help)",
