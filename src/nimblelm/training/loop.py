@@ -71,6 +71,36 @@ class TrainResult:
     ranks_in_sync: bool | None = None   # None in a single process
 
 
+def add_loop_arguments(parser, batch_size: int, lr: float, min_lr: float, warmup: int, weight_decay: float,
+                       eval_batches: int) -> None:
+    """The command-line options of the shared loop (``train lm`` and ``train drafter``), with
+    each command's own defaults; :func:`config_from_args` turns them into a TrainConfig."""
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="sequences per step per process")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--min-lr", type=float, default=min_lr)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--weight-decay", type=float, default=weight_decay)
+    parser.add_argument("--grad-clip", type=float, default=1.0)
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--eval-batches", type=int, default=eval_batches)
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch threads per process")
+    parser.add_argument("--weight-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                        help="storage dtype of the final weights (they load as float32)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args, max_steps: int, min_lr: float | None = None) -> TrainConfig:
+    """A TrainConfig from the options of :func:`add_loop_arguments` (``out_dir`` = ``args.out``)."""
+    return TrainConfig(out_dir=args.out, max_steps=max_steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                       lr=args.lr, min_lr=args.min_lr if min_lr is None else min_lr, warmup_steps=args.warmup,
+                       weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
+                       eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                       progress=not args.no_progress)
+
+
 def learning_rate(step: int, config: TrainConfig) -> float:
     """Linear warmup over ``warmup_steps``, then cosine from ``lr`` down to ``min_lr``."""
     if step < config.warmup_steps:

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import NimbleError
 from .data import TokenData
-from .loop import TrainConfig, train
+from .loop import add_loop_arguments, config_from_args, train
 
 EAGLE_CE_WEIGHT = 0.1
 
@@ -132,26 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="DIR", help="corpus directory (nimblelm train corpus)")
     p.add_argument("--out", required=True, metavar="DIR", help="drafter directory (e.g. TARGET/drafters/KIND)")
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per step per process")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--min-lr", type=float, default=1e-4)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch threads per process")
+    add_loop_arguments(p, batch_size=8, lr=1e-3, min_lr=1e-4, warmup=50, weight_decay=0.0, eval_batches=8)
     p.add_argument("--num-heads", type=int, default=4, help="medusa/hydra: number of heads (draft depth)")
     p.add_argument("--num-layers", type=int, default=1,
                    help="medusa/hydra: residual blocks per head; sps: draft LM layers (1-2)")
     p.add_argument("--draft-hidden", type=int, help="sps: draft LM hidden size (default: half the target's)")
     p.add_argument("--noise", type=float, default=0.1, help="eagle: uniform feature noise, relative to the features' RMS")
-    p.add_argument("--weight-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
-                   help="storage dtype of the final weights (they load as float32)")
-    p.add_argument("--no-progress", action="store_true")
     return p
 
 
@@ -210,11 +196,7 @@ def run(args) -> dict:
     torch.manual_seed(args.seed)
     drafter = build_drafter(args.kind, target, args)
     objective = DrafterObjective(args.kind, drafter, target, noise=args.noise)
-    config = TrainConfig(out_dir=args.out, max_steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                         lr=args.lr, min_lr=min(args.min_lr, args.lr), warmup_steps=args.warmup,
-                         weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
-                         eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                         progress=not args.no_progress)
+    config = config_from_args(args, args.steps, min_lr=min(args.min_lr, args.lr))
     dtype = getattr(torch, args.weight_dtype)
     os.makedirs(args.out, exist_ok=True)
     result = train(objective, objective_loss, data, config,

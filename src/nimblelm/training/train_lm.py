@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..errors import NimbleError
 from ..models import LanguageModel, ModelConfig
 from .data import TokenData
-from .loop import TrainConfig, evaluate, train
+from .loop import TrainConfig, add_loop_arguments, config_from_args, evaluate, train
 
 AUX_LOSS_WEIGHT = 0.01
 
@@ -52,21 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
     p.add_argument("--out", metavar="DIR", help="run directory (required unless --evaluate)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: one epoch of the train split)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per step per process")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--min-lr", type=float, default=2e-4)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--eval-batches", type=int, default=16)
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch threads per process")
-    p.add_argument("--weight-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
-                   help="storage dtype of the final weights (they load as float32)")
-    p.add_argument("--no-progress", action="store_true")
+    add_loop_arguments(p, batch_size=16, lr=2e-3, min_lr=2e-4, warmup=100, weight_decay=0.1, eval_batches=16)
     return p
 
 
@@ -100,10 +86,7 @@ def run(args) -> dict:
             raise NimbleError(f"the corpus tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size "
                               f"is {config.vocab_size}; pass --set vocab_size={tokenizer.get_vocab_size()}")
     steps = args.steps or math.ceil(data.num_tokens("train") / (args.batch_size * args.seq_len * _world()))
-    train_config = TrainConfig(out_dir=args.out, max_steps=steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                               lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup, weight_decay=args.weight_decay,
-                               grad_clip=args.grad_clip, eval_every=args.eval_every, eval_batches=args.eval_batches,
-                               checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.no_progress)
+    train_config = config_from_args(args, steps)
     torch.manual_seed(args.seed)
     model = LanguageModel(config)
     model.tokenizer = tokenizer
