@@ -198,8 +198,39 @@ def measure_target_cost(target, prompt: list[int], largest: int, depth: int, rep
     return TargetCost(sizes, seconds)
 
 
-# -- the drafter ---------------------------------------------------------------------------------
-class DynamicTreeDrafter:
+# -- the drafters ---------------------------------------------------------------------------------
+class DynamicTreeSizing:
+    """Tree sizes and ``"auto"`` calibration shared by every EAGLE-2 drafter; the class sets
+    ``depth``, ``top_k``, ``total_tokens``, ``calibration_repeats``, ``vocab_size``,
+    ``target_cost = None`` and ``_calibrated_for = None``."""
+
+    @property
+    def num_candidates(self) -> int:
+        """Nodes an expansion creates (root excluded)."""
+        k = min(self.top_k, self.vocab_size)
+        total, frontier = 0, 1
+        for _ in range(self.depth):
+            total += frontier * k
+            frontier = min(self.top_k, frontier * k)
+        return total
+
+    @property
+    def max_tree_size(self) -> int:
+        kept = self.num_candidates if self.total_tokens == "auto" else min(self.total_tokens, self.num_candidates)
+        return kept + 1
+
+    def calibrate(self, target, prompt: list[int]) -> TargetCost:
+        """Measure the target's verification cost (once per target object, dtype and device)."""
+        weight = next(iter(target.parameters()), None) if hasattr(target, "parameters") else None
+        key = (id(target), None if weight is None else (weight.dtype, weight.device))
+        if self.target_cost is None or self._calibrated_for != key:
+            self.target_cost = measure_target_cost(target, prompt, self.num_candidates + 1, self.depth,
+                                                   self.calibration_repeats)
+            self._calibrated_for = key
+        return self.target_cost
+
+
+class DynamicTreeDrafter(DynamicTreeSizing):
     """EAGLE-2 dynamic trees from a nimblelm draft LanguageModel sharing the target's vocabulary.
 
     depth: expansion steps (the deepest draft token sits ``depth`` below the root); one
@@ -242,36 +273,11 @@ class DynamicTreeDrafter:
     def vocab_size(self) -> int:
         return self.model.config.vocab_size
 
-    @property
-    def num_candidates(self) -> int:
-        """Nodes an expansion creates (root excluded)."""
-        k = min(self.top_k, self.vocab_size)
-        total, frontier = 0, 1
-        for _ in range(self.depth):
-            total += frontier * k
-            frontier = min(self.top_k, frontier * k)
-        return total
-
-    @property
-    def max_tree_size(self) -> int:
-        kept = self.num_candidates if self.total_tokens == "auto" else min(self.total_tokens, self.num_candidates)
-        return kept + 1
-
     def begin(self, prompt: list[int], request) -> None:
         self.cache = self.model.make_cache(1, len(prompt) + request.max_new_tokens + self.top_k * self.depth + 1)
         self.seen, self.calls = 0, 0
         if self.total_tokens == "auto":
             self.calibrate(request.target, prompt)
-
-    def calibrate(self, target, prompt: list[int]) -> TargetCost:
-        """Measure the target's verification cost (once per target object, dtype and device)."""
-        weight = next(iter(target.parameters()), None) if hasattr(target, "parameters") else None
-        key = (id(target), None if weight is None else (weight.dtype, weight.device))
-        if self.target_cost is None or self._calibrated_for != key:
-            self.target_cost = measure_target_cost(target, prompt, self.num_candidates + 1, self.depth,
-                                                   self.calibration_repeats)
-            self._calibrated_for = key
-        return self.target_cost
 
     @torch.no_grad()
     def propose(self, context: list[int]) -> DraftTree:

@@ -31,7 +31,7 @@ from ....layers.rotary import inverse_frequencies, rope_cos_sin
 from ....models.config import ModelConfig
 from ....models.lm import Block
 from ..tree import DraftTree
-from .dynamic_tree import TargetCost, best_size, expand_tree, measure_target_cost, select_nodes, subtree
+from .dynamic_tree import DynamicTreeSizing, TargetCost, best_size, expand_tree, select_nodes, subtree
 from .heads import bind_head, expand_static, rank_tree, target_embed, target_logits
 
 
@@ -188,7 +188,7 @@ class EagleDrafter:
         pass
 
 
-class Eagle2Drafter(EagleDrafter):
+class Eagle2Drafter(DynamicTreeSizing, EagleDrafter):
     """EAGLE-2: dynamic trees (:func:`~.dynamic_tree.expand_tree` + :func:`select_nodes`)
     with the EAGLE head as ``expand``. depth (default 5) expansion steps, top_k (default 4)
     children per expanded node and expanded nodes per step, total_tokens (default 16) draft
@@ -211,33 +211,13 @@ class Eagle2Drafter(EagleDrafter):
         self.draft_seconds: deque[float] = deque(maxlen=16)
         self.chosen_sizes: list[int] = []
 
-    @property
-    def num_candidates(self) -> int:
-        k = min(self.top_k, self.vocab_size)
-        total, frontier = 0, 1
-        for _ in range(self.depth):
-            total += frontier * k
-            frontier = min(self.top_k, frontier * k)
-        return total
-
-    @property
-    def max_tree_size(self) -> int:
-        kept = self.num_candidates if self.total_tokens == "auto" else min(self.total_tokens, self.num_candidates)
-        return kept + 1
-
     def _max_call_nodes(self) -> int:
         return self.top_k * self.depth + 1
 
     def begin(self, prompt: list[int], request) -> None:
         super().begin(prompt, request)
         if self.total_tokens == "auto":
-            target = request.target
-            weight = target.embed.weight
-            key = (id(target), weight.dtype, weight.device)
-            if self.target_cost is None or self._calibrated_for != key:
-                self.target_cost = measure_target_cost(target, prompt, self.num_candidates + 1, self.depth,
-                                                       self.calibration_repeats)
-                self._calibrated_for = key
+            self.calibrate(request.target, prompt)
 
     @torch.no_grad()
     def propose(self, context: list[int]) -> DraftTree:
