@@ -15,8 +15,6 @@ calls, counting read + write bytes.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -24,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .report import run_and_report
+from .report import loadavg, machine_info, run_and_report
 
 # name -> LlamaConfig fields. All sizes tie the embeddings (LM head = embedding matrix).
 SIZES: dict[str, dict[str, int]] = {
@@ -88,7 +86,7 @@ def run_decode_bench(args: argparse.Namespace | None = None, **kwargs: Any) -> d
     results["bandwidth"] = {**best, "before_gb_s": before["best_gb_s"], "after_gb_s": after["best_gb_s"]}
     for run in results["runs"]:
         add_bound(run, best["best_gb_s"])
-    results["machine"]["loadavg_end"] = _loadavg()
+    results["machine"]["loadavg_end"] = loadavg()
     return results
 
 
@@ -233,27 +231,6 @@ def add_bound(run: dict[str, Any], bandwidth_gb_s: float) -> None:
 
 
 # -- reporting -------------------------------------------------------------------------------------
-def _loadavg() -> list[float] | None:
-    try:
-        return list(os.getloadavg())
-    except OSError:
-        return None
-
-
-def machine_info() -> dict[str, Any]:
-    import transformers
-
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu_model": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "flush_denormal": True, "loadavg_start": _loadavg()}
-
-
 def format_table(results: dict[str, Any]) -> str:
     m, bw = results["machine"], results["bandwidth"]
     lines = [f"CPU: {m['cpu_model']} | torch threads {m['torch_threads']} | load {m['loadavg_start']}",

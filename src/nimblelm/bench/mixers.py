@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import torch
 
-from .report import run_and_report
+from .report import loadavg, machine_info, run_and_report
 
 from .. import layers  # noqa: F401  (registers every mixer)
 from ..cache import Cache, ForwardInfo
@@ -47,7 +47,6 @@ from ..layers.registry import MIXERS
 from ..layers.rotary import inverse_frequencies, rope_cos_sin
 from ..models.config import ModelConfig
 from . import mixers_ops
-from .decode import _loadavg, machine_info
 
 ORDER = ["attention", "local_attention", "linear_attn", "based", "retnet", "gla", "mamba", "mamba2", "rglru",
          "deltanet", "gated_deltanet", "short_conv", "ttt_linear", "ttt_mlp"]
@@ -159,7 +158,7 @@ def _run(args: argparse.Namespace, opts: dict[str, Any]) -> dict[str, Any]:
         from . import mixers_hf
 
         results["hf"] = mixers_hf.compare_with_transformers(opts)
-    results["machine"]["loadavg_end"] = _loadavg()
+    results["machine"]["loadavg_end"] = loadavg()
     results["plot"] = write_plot(results, args.plot or (args.json and _png_path(args.json)))
     return results
 

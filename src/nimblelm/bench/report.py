@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
 from typing import Any, Callable
 
@@ -23,3 +25,32 @@ def run_and_report(run: Callable[[argparse.Namespace], dict[str, Any]], format_t
             json.dump(results, fh, indent=2)
         print(f"wrote {args.json}")
     return results
+
+
+def loadavg() -> list[float] | None:
+    """The 1/5/15-minute load averages (None where the OS has none): noisy timings show here."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """What a benchmark's numbers depend on: CPU model and count, torch threads and versions."""
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        import transformers
+
+        hf_version = transformers.__version__
+    except ImportError:
+        hf_version = None
+    return {"cpu_model": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": hf_version, "python": platform.python_version(),
+            "flush_denormal": True, "loadavg_start": loadavg()}

@@ -41,8 +41,6 @@ also calibrates ``tree-auto``: its target-cost measurement is cached per target)
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -51,7 +49,7 @@ from typing import Any, Callable
 
 import torch
 
-from .report import run_and_report
+from .report import loadavg, machine_info, run_and_report
 
 import nimblelm as nl
 
@@ -137,7 +135,7 @@ def run_spec_bench(args: argparse.Namespace | None = None, **kwargs: Any) -> dic
     results["rows"] = []
     for set_name, prompts in prompt_sets.items():
         results["rows"] += bench_prompt_set(set_name, prompts, rows, options)
-    results["machine"]["loadavg_end"] = _loadavg()
+    results["machine"]["loadavg_end"] = loadavg()
     return results
 
 
@@ -309,31 +307,6 @@ def summarise(set_name: str, rows: list[Row], runs: dict[str, list[dict]]) -> li
 
 
 # -- reporting -------------------------------------------------------------------------------------
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        import transformers
-
-        hf_version = transformers.__version__
-    except ImportError:
-        hf_version = None
-    return {"cpu_model": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": hf_version, "python": platform.python_version(),
-            "loadavg_start": _loadavg()}
-
-
 def format_table(results: dict[str, Any]) -> str:
     m, s = results["machine"], results["settings"]
     models = ", ".join(f"{k} {v['parameters'] / 1e6:.2f}M" for k, v in results["models"].items() if k != "perfect")

@@ -30,7 +30,7 @@ import torch
 import nimblelm as nl
 
 from ..models.checkpoint import resolve_model_path, shipped_model_names
-from .report import run_and_report
+from .report import loadavg, run_and_report
 
 NL_STRATEGIES = ("autoregressive", "sps", "lookup", "medusa", "hydra", "eagle", "eagle2")
 KIND_OF = {"sps": "sps", "medusa": "medusa", "hydra": "hydra", "eagle": "eagle", "eagle2": "eagle"}
@@ -74,7 +74,7 @@ def run(args) -> dict[str, Any]:
         rows += model_rows
         skipped += model_skipped
     return {"rows": rows, "skipped": skipped, "new_tokens": args.new_tokens, "prompts": args.prompts,
-            "threads": args.threads, "loadavg": list(os.getloadavg())}
+            "threads": args.threads, "loadavg": loadavg() or [0.0]}
 
 
 def bench_model(name: str, strategies: list[str], temperatures: list[float], args) -> tuple[list[dict], list[str]]:
