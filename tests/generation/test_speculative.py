@@ -8,18 +8,8 @@ import nimblelm as nl
 from nimblelm.generation.speculative.drafters import DraftModelDrafter, PromptLookupDrafter
 
 from ..conftest import build, tiny_presets
+from ..drafters_util import noisy_copy
 from ..layers.test_recurrent_base import toy_model  # registers the toy recurrent mixer too
-
-
-def noisy_copy(model, scale: float, seed: int = 0):
-    """A drafter 'between' perfect and random: the target's weights plus noise."""
-    torch.manual_seed(seed)
-    draft = nl.LanguageModel(model.config).to(model.embed.weight.dtype).eval()
-    draft.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(scale * p.std() * torch.randn_like(p))
-    return draft
 
 
 def models_under_test():

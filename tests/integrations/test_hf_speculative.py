@@ -13,6 +13,7 @@ from nimblelm.generation.speculative.drafters.dynamic_tree import DynamicTreeDra
 from nimblelm.generation.speculative.drafters import EagleHead, HydraHeads, MedusaHeads  # noqa: E402
 from nimblelm.integrations import hf  # noqa: E402
 
+from ..drafters_util import noisy_copy  # noqa: E402
 from .test_hf import make_hf, max_diff  # noqa: E402
 
 # node: 0  1  2  3  4  5  6  7   (0 = root; 1, 2, 6 its children; 5 sits at depth 3)
@@ -26,17 +27,6 @@ def hf_model(arch: str, dtype: torch.dtype, seed: int = 0, attn: str | None = No
     if attn is not None:
         model.set_attn_implementation(attn)
     return model
-
-
-def noisy_copy(model: nl.LanguageModel, scale: float, seed: int = 0) -> nl.LanguageModel:
-    """A drafter between perfect and random: the model's weights plus noise."""
-    torch.manual_seed(seed)
-    draft = nl.LanguageModel(model.config).to(model.embed.weight.dtype).eval()
-    draft.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(scale * p.std() * torch.randn_like(p))
-    return draft
 
 
 def path_to(node: int) -> list[int]:
