@@ -11,12 +11,13 @@ from torch import nn
 
 from ..cache import ForwardInfo, KVState
 from ..models.config import ModelConfig
+from .packing import PackedLinears, RepacksOnConversion
 from .registry import register_mixer
 from .rotary import apply_rope
 
 
 @register_mixer("attention")
-class Attention(nn.Module):
+class Attention(RepacksOnConversion, nn.Module):
     supports_tree = True
     supports_rollback = True
     uses_rope = True
@@ -34,6 +35,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.attention_out_bias)
         self.gate_proj = nn.Linear(hidden, self.num_heads, bias=True) if config.attn_output_gate else None
+        projections = (self.q_proj, self.k_proj, self.v_proj) + ((self.gate_proj,) if self.gate_proj is not None else ())
+        self._input_projections = PackedLinears(*projections)  # one [hidden, q+k+v(+gate)] matmul
 
     def init_state(self, batch: int, max_len: int, device=None, dtype=torch.float32) -> KVState:
         return KVState(batch, self.num_kv_heads, max_len, self.head_dim, device, dtype)
@@ -41,16 +44,16 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, info: ForwardInfo, state: KVState | None = None):
         """x [B, n, hidden] -> (y [B, n, hidden], state)."""
         batch, n, _ = x.shape
-        q = self.q_proj(x).view(batch, n, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, n, D]
-        k = self.k_proj(x).view(batch, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, n, D]
-        v = self.v_proj(x).view(batch, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v, *gate = self._input_projections(x)
+        q = q.view(batch, n, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, n, D]
+        k = k.view(batch, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, n, D]
+        v = v.view(batch, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, info.cos, info.sin), apply_rope(k, info.cos, info.sin)
         if state is not None:
             k, v = state.write(info.start, k, v)  # all slots so far: [B, Hkv, start + n, D]
         out = self._attend(q, k, v, info)  # [B, H, n, D]
-        if self.gate_proj is not None:
-            gate = torch.sigmoid(self.gate_proj(x)).transpose(1, 2)[..., None]  # [B, H, n, 1]
-            out = out * gate
+        if gate:
+            out = out * torch.sigmoid(gate[0]).transpose(1, 2)[..., None]  # gate [B, n, H] -> [B, H, n, 1]
         out = out.transpose(1, 2).reshape(batch, n, self.num_heads * self.head_dim)
         return self.o_proj(out), state
 

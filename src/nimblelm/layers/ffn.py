@@ -10,27 +10,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.config import ModelConfig
+from .packing import PackedLinears, RepacksOnConversion
 from .registry import register_ffn
 
 
 @register_ffn("mlp")
-class MLP(nn.Module):
+class MLP(RepacksOnConversion, nn.Module):
     """fc -> GELU -> fc."""
 
     def __init__(self, config: ModelConfig, layer_idx: int = 0):
         super().__init__()
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self._up = PackedLinears(self.up_proj)  # expanding: [in, out] storage streams faster
 
     def forward(self, x: torch.Tensor):
-        return self.down_proj(F.gelu(self.up_proj(x))), None
+        up, = self._up(x)
+        return self.down_proj(F.gelu(up)), None
 
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 @register_ffn("swiglu")
-class SwiGLU(nn.Module):
+class SwiGLU(RepacksOnConversion, nn.Module):
     """down(act(gate(x)) * up(x)): Llama's MLP with act = silu (config.hidden_act), GeGLU with gelu."""
 
     def __init__(self, config: ModelConfig, layer_idx: int = 0, intermediate_size: int | None = None):
@@ -41,9 +44,11 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, width, bias=bias)
         self.up_proj = nn.Linear(config.hidden_size, width, bias=bias)
         self.down_proj = nn.Linear(width, config.hidden_size, bias=bias)
+        self._gate_up = PackedLinears(self.gate_proj, self.up_proj)  # one [hidden, 2 * width] matmul
 
     def forward(self, x: torch.Tensor):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)), None
+        gate, up = self._gate_up(x)
+        return self.down_proj(self.act(gate) * up), None
 
 
 @register_ffn("moe")
