@@ -6,13 +6,17 @@ FLOPs (:func:`chunk_flops`) count the matmuls of the chunk form as it computes t
 C x C blocks, masked afterwards), 2 FLOPs per multiply-add, per batch row, head and chunk;
 elementwise work (decays, masks, feature maps, normalisers) is not counted:
 
-* gated linear attention (``chunk_gla``: linear_attn, based, retnet, gla, mamba2), key size
+* gated linear attention (``chunk_gla``: linear_attn, based, retnet, gla), key size
   Dk, value size Dv (+1 with the normaliser, which rides along as a value column):
   ``2 C^2 Dk`` (scores q k^T) + ``2 C^2 Dv`` (scores @ v) + ``2 C Dk Dv`` (the chunk's state
   contribution k^T v) + ``2 C Dk Dv`` (inter-chunk output q S) = ``2 C^2 (Dk + Dv) + 4 C Dk Dv``.
   C is the chunk size the op actually uses (shorter inputs get a smaller chunk). Chunks of the
   per-key-dim decay (gla) whose decay spans more than 60 in log space are recomputed in
   sub-chunks; that extra work is not counted.
+* SSD (``chunk_ssd``: mamba2), state size N, head size P, G groups of H/G heads sharing B
+  and C: per group and chunk ``2 C^2 N`` (C B^T, once per group) + ``2 C^2 (H/G) P`` (scores
+  @ x for all the group's heads at once) + ``4 C N (H/G) P`` (chunk state, inter-chunk
+  output). Wide-decay chunks recomputed exactly are not counted.
 * delta rule (``chunk_delta_rule``: deltanet, gated_deltanet): ``2 C^2 Dk`` (k k^T) +
   ``C^2 (Dk + Dv)`` (unit-triangular solve for [u, w]) + ``2 C^2 Dk`` (q k^T) + ``2 C^2 Dv``
   (attn @ d) + ``6 C Dk Dv`` (w S, q S, k^T d) = ``C^2 (5 Dk + 3 Dv) + 6 C Dk Dv``.
@@ -33,10 +37,11 @@ from ..layers.mamba import Mamba
 from ..layers.mamba2 import Mamba2
 from ..layers.rglru import RGLRUBlock
 from ..layers.short_conv import ShortConv
-from ..ops import delta, gla, scan, short_conv
+from ..ops import delta, gla, scan, short_conv, ssd
 
 GLA_FORMULA = "B*H*ceil(T/C)*(2*C^2*(Dk+Dv) + 4*C*Dk*Dv)"
 DELTA_FORMULA = "B*H*ceil(T/C)*(C^2*(5*Dk+3*Dv) + 6*C*Dk*Dv)"
+SSD_FORMULA = "B*G*ceil(T/C)*(2*C^2*N + 2*C^2*(H/G)*P + 4*C*N*(H/G)*P)"
 
 
 @dataclass
@@ -57,8 +62,13 @@ def gla_chunk_len(T: int, chunk_size: int, sub_chunk_size: int = 16) -> int:
     return min(chunk_size, max(sub, math.ceil(T / sub) * sub))
 
 
-def chunk_flops(family: str, B: int, T: int, H: int, Dk: int, Dv: int, chunk_size: int) -> int:
-    """Matmul FLOPs of the chunk form of ``family`` ("gla" or "delta"); module doc has the formulas."""
+def chunk_flops(family: str, B: int, T: int, H: int, Dk: int, Dv: int, chunk_size: int, groups: int = 1) -> int:
+    """Matmul FLOPs of the chunk form of ``family`` ("gla", "ssd" or "delta"); module doc has
+    the formulas. For "ssd" Dk is the state size N, Dv the head size P."""
+    if family == "ssd":
+        C = max(1, min(chunk_size, T))
+        return B * groups * math.ceil(T / C) * (2 * C * C * Dk + 2 * C * C * (H // groups) * Dv
+                                                + 4 * C * Dk * H * Dv // groups)
     if family == "gla":
         C = gla_chunk_len(T, chunk_size)
         return B * H * math.ceil(T / C) * (2 * C * C * (Dk + Dv) + 4 * C * Dk * Dv)
@@ -70,11 +80,13 @@ def chunk_flops(family: str, B: int, T: int, H: int, Dk: int, Dv: int, chunk_siz
 
 # -- op inputs of each layer family (x [1, T, hidden] -> the op's keyword arguments) ----------------
 def _gla_inputs(layer, x, positions) -> dict:
-    if isinstance(layer, Mamba2):
-        _, xBC, dt = layer._split(x)
-        xBC, _ = short_conv.causal_conv1d(xBC, layer.conv_weight, layer.conv_bias, "silu")
-        return layer._ssd_inputs(xBC, dt)
     return layer._inputs(x)
+
+
+def _ssd_inputs(layer, x, positions) -> dict:
+    _, xBC, dt = layer._split(x)
+    xBC, _ = short_conv.causal_conv1d(xBC, layer.conv_weight, layer.conv_bias, "silu")
+    return dict(zip(("x", "dt", "A", "Bm", "Cm"), layer._ssd_parts(xBC, dt)))
 
 
 def _scan_inputs(layer, x, positions) -> dict:
@@ -101,7 +113,7 @@ def _conv_inputs(layer, x, positions) -> dict:
 # class -> (family, inputs builder, fast op, naive op, keyword arguments of the fast op only)
 _FAMILIES: list[tuple[type, str, Callable, Callable, Callable, Callable[[Any], dict]]] = [
     (LinearAttentionMixer, "gla", _gla_inputs, gla.chunk_gla, gla.naive_gla, lambda l: {"chunk_size": l.chunk_size}),
-    (Mamba2, "gla", _gla_inputs, gla.chunk_gla, gla.naive_gla, lambda l: {"chunk_size": l.chunk_size}),
+    (Mamba2, "ssd", _ssd_inputs, ssd.chunk_ssd, ssd.naive_ssd, lambda l: {"chunk_size": l.chunk_size}),
     (Mamba, "selective_scan", _scan_inputs, scan.chunk_selective_scan, scan.naive_selective_scan,
      lambda l: {"chunk_size": l.chunk_size}),
     (RGLRUBlock, "linear_recurrence", _rglru_inputs, scan.scan_linear_recurrence, scan.naive_linear_recurrence,
@@ -113,6 +125,10 @@ _FAMILIES: list[tuple[type, str, Callable, Callable, Callable, Callable[[Any], d
 
 
 def _flops(family: str, inputs: dict, chunk_size: int) -> int | None:
+    if family == "ssd":
+        B, T, H, P = inputs["x"].shape
+        _, _, G, N = inputs["Bm"].shape
+        return chunk_flops("ssd", B, T, H, N, P, chunk_size, groups=G)
     if family not in ("gla", "delta"):
         return None
     B, T, H, Dk = inputs["q"].shape
@@ -152,4 +168,4 @@ def op_forms(layer: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor) -
                    fast=lambda: fast_op(**inputs, **extra, output_final_state=True),
                    naive=lambda: naive_op(**inputs, output_final_state=True),
                    naive_warmup=lambda: naive_op(**short, output_final_state=True), flops=flops,
-                   flops_formula={"gla": GLA_FORMULA, "delta": DELTA_FORMULA}.get(family))
+                   flops_formula={"gla": GLA_FORMULA, "ssd": SSD_FORMULA, "delta": DELTA_FORMULA}.get(family))

@@ -4,7 +4,8 @@ in_proj(x) -> [z (d_inner), xBC (d_inner + 2 G N), dt (H)]; xBC -> causal depthw
 (kernel ``config.conv_size``, silu) -> [x, B, C]; dt <- softplus(dt + dt_bias);
 per head h: state S [N, P] with S_t = exp(dt_t A_h) S_{t-1} + (dt_t B_t)^T x_t and
 y_t = C_t S_t + D_h x_t — i.e. gated linear attention with a scalar per-head decay
-(q = C, k = dt * B, v = x, g = dt * A), computed by :func:`nimblelm.ops.gla.chunk_gla`.
+(q = C, k = dt * B, v = x, g = dt * A): prefill by :func:`nimblelm.ops.ssd.chunk_ssd` (which
+shares B and C across a group's heads), decoding by :func:`nimblelm.ops.gla.step_gla`.
 Then y <- grouped RMSNorm(y * silu(z)) * weight, and out_proj.
 
 Sizes: d_inner = expand * hidden, P = ``extra["mamba_head_dim"]`` (default 64),
@@ -22,8 +23,9 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.config import ModelConfig
-from ..ops.gla import chunk_gla, step_gla
+from ..ops.gla import step_gla
 from ..ops.short_conv import causal_conv1d, step_causal_conv1d
+from ..ops.ssd import chunk_ssd
 from ..ops.tree import tree_causal_conv1d, tree_gla_scalar
 from .recurrent import RecurrentMixer
 from .registry import register_mixer
@@ -71,17 +73,24 @@ class Mamba2(RecurrentMixer):
     def _split(self, x: torch.Tensor):
         return self.in_proj(x).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
 
-    def _ssd_inputs(self, xBC: torch.Tensor, dt: torch.Tensor) -> dict:
-        """xBC [B, T, conv_dim] (after the conv), dt [B, T, H] -> chunk_gla/step_gla arguments."""
+    def _ssd_parts(self, xBC: torch.Tensor, dt: torch.Tensor):
+        """xBC [B, T, conv_dim] (after the conv), dt [B, T, H] -> chunk_ssd's (x [B,T,H,P],
+        dt [B,T,H] after softplus, A [H], Bm [B,T,G,N], Cm [B,T,G,N])."""
         batch, length, _ = xBC.shape
         xs, Bm, Cm = xBC.split([self.d_inner, self.n_groups * self.state_size, self.n_groups * self.state_size], -1)
         dt = F.softplus(dt + self.dt_bias)  # [B, T, H]
+        groups = (batch, length, self.n_groups, self.state_size)
+        return (xs.view(batch, length, self.num_heads, self.head_dim), dt, -torch.exp(self.A_log),
+                Bm.view(groups), Cm.view(groups))
+
+    def _ssd_inputs(self, xBC: torch.Tensor, dt: torch.Tensor) -> dict:
+        """xBC [B, T, conv_dim] (after the conv), dt [B, T, H] -> chunk_gla/step_gla arguments
+        (B and C repeated for every head of their group)."""
+        v, dt, A, Bm, Cm = self._ssd_parts(xBC, dt)
         per_group = self.num_heads // self.n_groups
-        Bm = Bm.view(batch, length, self.n_groups, self.state_size).repeat_interleave(per_group, dim=2)  # [B,T,H,N]
-        Cm = Cm.view(batch, length, self.n_groups, self.state_size).repeat_interleave(per_group, dim=2)
-        v = xs.view(batch, length, self.num_heads, self.head_dim)  # [B, T, H, P]
-        g = dt * -torch.exp(self.A_log)  # [B, T, H]
-        return dict(q=Cm, k=Bm * dt[..., None], v=v, g=g, scale=1.0)
+        Bm = Bm.repeat_interleave(per_group, dim=2)  # [B,T,H,N]
+        Cm = Cm.repeat_interleave(per_group, dim=2)
+        return dict(q=Cm, k=Bm * dt[..., None], v=v, g=dt * A, scale=1.0)
 
     def _output(self, o: torch.Tensor, v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """o, v [B, T, H, P], z [B, T, d_inner] -> [B, T, hidden]."""
@@ -94,10 +103,10 @@ class Mamba2(RecurrentMixer):
         z, xBC, dt = self._split(x)
         xBC, conv = causal_conv1d(xBC, self.conv_weight, self.conv_bias, "silu",
                                   initial_state=None if state is None else state["conv"], output_final_state=True)
-        inputs = self._ssd_inputs(xBC, dt)
-        o, ssm = chunk_gla(**inputs, initial_state=None if state is None else state["ssm"], output_final_state=True,
-                           chunk_size=self.chunk_size)
-        return self._output(o, inputs["v"], z), {"conv": conv, "ssm": ssm}
+        x_heads, dt, A, Bm, Cm = self._ssd_parts(xBC, dt)
+        o, ssm = chunk_ssd(x_heads, dt, A, Bm, Cm, initial_state=None if state is None else state["ssm"],
+                           output_final_state=True, chunk_size=self.chunk_size)
+        return self._output(o, x_heads, z), {"conv": conv, "ssm": ssm}
 
     def step(self, x: torch.Tensor, state: dict, positions=None):
         z, xBC, dt = self._split(x)

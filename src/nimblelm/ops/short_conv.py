@@ -28,17 +28,22 @@ def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     raise ValueError(f"unknown activation {activation!r}; use 'silu' or None")
 
 
-def _padded_input(x, weight, initial_state):
-    """Return the inputs with the state prepended: [B, C, K-1+T] (x: [B, T, C], weight: [C, K])."""
+def _initial_state(x, weight, initial_state):
+    """Check shapes and return the state [B, C, K-1] (zeros when None); x: [B, T, C], weight: [C, K]."""
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:
         raise ValueError(f"x must be [B, T, C] and weight [C, K]; got {tuple(x.shape)}, {tuple(weight.shape)}")
     Bsz, _, C = x.shape
     K = weight.shape[1]
     if initial_state is None:
-        initial_state = x.new_zeros(Bsz, C, K - 1)
-    elif initial_state.shape != (Bsz, C, K - 1):
+        return x.new_zeros(Bsz, C, K - 1)
+    if initial_state.shape != (Bsz, C, K - 1):
         raise ValueError(f"state must be [B, C, K-1] = {(Bsz, C, K - 1)}; got {tuple(initial_state.shape)}")
-    return torch.cat([initial_state, x.transpose(1, 2)], dim=2)  # [B, C, K-1+T]
+    return initial_state
+
+
+def _padded_input(x, weight, initial_state):
+    """Return the inputs with the state prepended: [B, C, K-1+T] (x: [B, T, C], weight: [C, K])."""
+    return torch.cat([_initial_state(x, weight, initial_state), x.transpose(1, 2)], dim=2)  # [B, C, K-1+T]
 
 
 def _last_inputs(padded: torch.Tensor, K: int) -> torch.Tensor:
@@ -47,18 +52,28 @@ def _last_inputs(padded: torch.Tensor, K: int) -> torch.Tensor:
 
 
 def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, output_final_state=False):
-    """Causal depthwise convolution via ``F.conv1d`` with the state as left padding.
+    """Causal depthwise convolution as K shifted multiply-adds in the time-major layout.
 
     x: [B, T, C]; weight: [C, K]; bias: [C] or None; activation: 'silu' or None;
     initial_state: [B, C, K-1] (zeros when None).
     Returns (y [B, T, C], final state [B, C, K-1] or None).
+
+    Staying in [B, T, C] avoids the two transposing copies an ``F.conv1d`` over [B, C, T]
+    needs (measured: 2-3x slower at T=2048, C=1288 on one CPU thread); the taps are made
+    contiguous first (a strided [C] operand makes each multiply ~4x slower).
     """
-    padded = _padded_input(x, weight, initial_state)  # [B, C, K-1+T]
-    if x.shape[1] == 0:
-        return x.new_zeros(x.shape), (padded if output_final_state else None)
-    y = F.conv1d(padded, weight.unsqueeze(1), bias, groups=x.shape[2])  # [B, C, T]
-    y = _activate(y, activation).transpose(1, 2).contiguous()  # [B, T, C]
-    return y, (_last_inputs(padded, weight.shape[1]) if output_final_state else None)
+    state = _initial_state(x, weight, initial_state)  # [B, C, K-1]
+    T, K = x.shape[1], weight.shape[1]
+    timeline = torch.cat([state.transpose(1, 2), x], dim=1)  # [B, K-1+T, C]
+    final = timeline[:, T:].transpose(1, 2).contiguous() if output_final_state else None  # [B, C, K-1]
+    if T == 0:
+        return x.new_zeros(x.shape), final
+    taps = weight.t().contiguous()  # [K, C]
+    current = timeline[:, K - 1:]
+    y = current * taps[K - 1] if bias is None else torch.addcmul(bias, current, taps[K - 1])
+    for k in range(K - 1):
+        y = torch.addcmul(y, timeline[:, k:k + T], taps[k])
+    return _activate(y, activation), final
 
 
 def naive_causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, output_final_state=False):
