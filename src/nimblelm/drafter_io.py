@@ -7,6 +7,10 @@ A head drafter (kind ``medusa``, ``hydra`` or ``eagle``) is a directory with
 * ``drafter.safetensors``: only the heads' own weights (the token embedding and LM head are
   the target's, bound when generation starts). Weights may be stored as fp16 / bf16; they
   load as float32. Nothing is unpickled.
+* optionally ``draft_vocab.safetensors`` (EAGLE only): one integer tensor ``token_ids``, the
+  frequent tokens the head drafts from (FR-Spec; made offline from the training token stream
+  by :func:`nimblelm.training.train_drafter.write_draft_vocab`). Without it the head drafts
+  from the whole vocabulary. Only which tokens get drafted depends on it, never the output.
 
 A ``sps`` drafter is a plain nimblelm checkpoint (``nl.load``) of a small draft LM,
 returned wrapped in a :class:`DraftModelDrafter`.
@@ -22,9 +26,10 @@ import os
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, GenerationError
 
 DRAFTER_CONFIG, DRAFTER_WEIGHTS = "drafter.json", "drafter.safetensors"
+DRAFT_VOCAB = "draft_vocab.safetensors"
 KINDS = ("sps", "medusa", "hydra", "eagle")
 FORMAT = "nimblelm-drafter"
 
@@ -59,6 +64,46 @@ def save_drafter(heads: torch.nn.Module, directory: str, weight_dtype: torch.dty
     with open(config + ".tmp", "w", encoding="utf-8") as fh:
         fh.write(json.dumps(meta, indent=2) + "\n")
     os.replace(config + ".tmp", config)
+    vocab_path = os.path.join(directory, DRAFT_VOCAB)
+    if getattr(heads, "draft_vocab", None) is not None:
+        save_draft_vocab(heads.draft_vocab, directory)
+    elif os.path.exists(vocab_path):  # a stale file would restrict the new heads
+        os.remove(vocab_path)
+
+
+def save_draft_vocab(token_ids, directory: str) -> str:
+    """Write ``token_ids`` (the draft vocabulary, see the module docstring) as
+    ``directory/draft_vocab.safetensors``; returns the path."""
+    from safetensors.torch import save_file
+
+    ids = torch.as_tensor(token_ids).long().sort().values.contiguous().cpu()
+    if ids.dim() != 1 or ids.numel() == 0 or bool((ids[1:] == ids[:-1]).any()) or int(ids[0]) < 0:
+        raise CheckpointError(f"a draft vocabulary is a non-empty 1-D set of distinct token ids >= 0, got "
+                              f"{ids.numel()} ids of shape {tuple(ids.shape)}")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, DRAFT_VOCAB)
+    save_file({"token_ids": ids.to(torch.int32)}, path + ".tmp", metadata={"format": "pt"})
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def read_draft_vocab(directory: str) -> torch.Tensor | None:
+    """The draft vocabulary in ``directory`` (long token ids), or None without the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = os.path.join(directory, DRAFT_VOCAB)
+    if not os.path.isfile(path):
+        return None
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+    ids = tensors.get("token_ids")
+    if ids is None or ids.dim() != 1 or ids.is_floating_point():
+        raise CheckpointError(f"{path} must hold one 1-D integer tensor 'token_ids' (found {sorted(tensors)}); "
+                              "regenerate it with nimblelm.training.train_drafter.write_draft_vocab")
+    return ids.long()
 
 
 def drafter_dir(path_or_name: str, kind: str) -> str:
@@ -107,7 +152,21 @@ def load_drafter(path_or_name: str, kind: str, dtype: torch.dtype = torch.float3
     if missing or unexpected:
         raise CheckpointError(f"{directory}: weights do not fit {DRAFTER_CONFIG}: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
+    _attach_draft_vocab(heads, directory)
     return heads.to(device=device, dtype=dtype).eval()
+
+
+def _attach_draft_vocab(heads: torch.nn.Module, directory: str) -> None:
+    ids = read_draft_vocab(directory)
+    if ids is None:
+        return
+    if not hasattr(heads, "set_draft_vocab"):
+        raise CheckpointError(f"{os.path.join(directory, DRAFT_VOCAB)}: {heads.kind} heads do not support a draft "
+                              "vocabulary (only EAGLE does); remove the file")
+    try:
+        heads.set_draft_vocab(ids)
+    except GenerationError as exc:
+        raise CheckpointError(f"{os.path.join(directory, DRAFT_VOCAB)}: {exc}") from None
 
 
 def _read_meta(directory: str, kind: str) -> dict:

@@ -17,6 +17,13 @@ its logits at j, over token j+1). Then, per kind:
 
 ``--out`` receives the drafter (``nl.load_drafter(out, kind)``; for sps a plain checkpoint),
 ``--out/checkpoint`` the resumable training state (rerun the same command to continue).
+
+``--draft-vocab N`` (eagle): also write ``draft_vocab.safetensors``, the N most frequent
+tokens of the corpus's train split, which the head then drafts from (FR-Spec); with
+``--vocab-only`` nothing is trained, only that file is written next to an existing drafter:
+
+    nimblelm train drafter --target nimble-code-attn --kind eagle --data data/code \
+        --out src/nimblelm/assets/nimble-code-attn/drafters/eagle --draft-vocab 2048 --vocab-only
 """
 
 from __future__ import annotations
@@ -138,7 +145,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="medusa/hydra: residual blocks per head; sps: draft LM layers (1-2)")
     p.add_argument("--draft-hidden", type=int, help="sps: draft LM hidden size (default: half the target's)")
     p.add_argument("--noise", type=float, default=0.1, help="eagle: uniform feature noise, relative to the features' RMS")
+    p.add_argument("--draft-vocab", type=int, metavar="N",
+                   help="eagle: also write the N most frequent train tokens as the head's draft vocabulary")
+    p.add_argument("--vocab-only", action="store_true", help="only write --draft-vocab's file; train nothing")
     return p
+
+
+def frequent_tokens(tokens, vocab_size: int, size: int) -> torch.Tensor:
+    """The ``size`` most frequent ids of a token stream (array-like of ints in [0, vocab_size)),
+    ties by smaller id, returned sorted (LongTensor [size])."""
+    import numpy as np
+
+    if not 1 <= size <= vocab_size:
+        raise NimbleError(f"a draft vocabulary size must be in 1..{vocab_size} (the target's vocabulary), got {size}")
+    counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size)
+    if counts.shape[0] > vocab_size:
+        raise NimbleError(f"the token stream holds ids >= {vocab_size}, the target's vocabulary size")
+    order = np.argsort(-counts, kind="stable")[:size]
+    return torch.from_numpy(np.sort(order)).long()
+
+
+def write_draft_vocab(data_dir: str, out_dir: str, size: int, vocab_size: int) -> str:
+    """Write the ``size`` most frequent tokens of ``data_dir``'s train split as
+    ``out_dir/draft_vocab.safetensors`` (see :mod:`nimblelm.drafter_io`); returns its path."""
+    from ..drafter_io import save_draft_vocab
+
+    ids = frequent_tokens(TokenData(data_dir).streams["train"], vocab_size, size)
+    return save_draft_vocab(ids, out_dir)
 
 
 def build_drafter(kind: str, target, args) -> nn.Module:
@@ -193,6 +226,13 @@ def run(args) -> dict:
             target.tokenizer.get_vocab_size() != _tokenizer_size(data.tokenizer_path):
         raise NimbleError(f"the corpus at {args.data} uses a different tokenizer than the target {args.target}; "
                           "train the drafter on a corpus tokenized for the target")
+    if (args.draft_vocab is not None or args.vocab_only) and args.kind != "eagle":
+        raise NimbleError("--draft-vocab / --vocab-only apply to --kind eagle only")
+    if args.vocab_only:
+        if args.draft_vocab is None:
+            raise NimbleError("--vocab-only needs --draft-vocab N")
+        path = write_draft_vocab(args.data, args.out, args.draft_vocab, target.config.vocab_size)
+        return {"kind": args.kind, "draft_vocab": path, "size": args.draft_vocab}
     torch.manual_seed(args.seed)
     drafter = build_drafter(args.kind, target, args)
     objective = DrafterObjective(args.kind, drafter, target, noise=args.noise)
@@ -201,6 +241,8 @@ def run(args) -> dict:
     os.makedirs(args.out, exist_ok=True)
     result = train(objective, objective_loss, data, config,
                    save=save_fn(args.kind, target, None if dtype == torch.float32 else dtype))
+    if args.draft_vocab is not None and int(os.environ.get("RANK", "0")) == 0:
+        write_draft_vocab(args.data, args.out, args.draft_vocab, target.config.vocab_size)
     last = result.history[-1] if result.history else {}
     summary = {"kind": args.kind, "step": result.step, "max_steps": args.steps, "train_loss": result.train_loss,
                "eval_loss": result.eval_loss, "parameters": sum(p.numel() for p in drafter.parameters()),

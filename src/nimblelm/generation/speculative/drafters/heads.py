@@ -41,10 +41,47 @@ def target_logits(target, hidden: torch.Tensor) -> torch.Tensor:
     logit soft-cap). Differentiable w.r.t. ``hidden``; the head itself stays frozen."""
     shape = hidden.shape
     logits = target._head_logits(hidden.reshape(1, -1, shape[-1])).reshape(*shape[:-1], -1)
+    return softcap(target, logits)
+
+
+def softcap(target, logits: torch.Tensor) -> torch.Tensor:
+    """The target's logit soft-cap (identity without one)."""
     cap = target.config.logit_softcap
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+class DraftLogProbs:
+    """Draft log-probabilities from predicted features through the target's LM head, over the
+    whole vocabulary or only over a draft vocabulary (sorted token ids, FR-Spec): then only
+    those rows of the head are applied, the softmax runs over the subset and every other token
+    gets log-probability -inf (probability exactly 0). ``bind(target, vocab_ids)`` once per
+    sequence; the [D, V_draft] head slice is rebuilt only when the weight or the ids change."""
+
+    def __init__(self):
+        self.target, self.vocab_ids, self.head_t, self._key = None, None, None, None
+
+    def bind(self, target, vocab_ids: torch.Tensor | None) -> None:
+        self.target = target
+        if vocab_ids is None:
+            self.vocab_ids = None
+            return
+        weight = target.head_weight.detach()
+        ids = vocab_ids.to(weight.device)
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if self._key != key or self.vocab_ids is None or not torch.equal(self.vocab_ids, ids):
+            self.head_t = weight.index_select(0, ids).t().contiguous()  # [D, V_draft]
+            self._key = key
+        self.vocab_ids = ids
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [F, D] -> float64 log-probabilities [F, V] (full vocabulary)."""
+        if self.vocab_ids is None:
+            return target_logits(self.target, hidden).double().log_softmax(-1)
+        sub = softcap(self.target, hidden @ self.head_t).double().log_softmax(-1)  # [F, V_draft]
+        full = sub.new_full((hidden.shape[0], self.target.config.vocab_size), float("-inf"))
+        return full.index_copy_(1, self.vocab_ids, sub)
 
 
 def target_embed(target, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,300 @@
+"""EAGLE drafting fast paths against their naive forms: incremental frontier-only head calls
+(draft entries kept in the head's cache across depths) vs recomputing every ancestor at every
+depth; the truncated draft vocabulary (FR-Spec) vs the full LM head, lossless greedy and
+sampled decoding with it, and its file next to the drafter."""
+
+import pytest
+import torch
+
+import nimblelm as nl
+from nimblelm.cache import TreeSpec
+from nimblelm.drafter_io import DRAFT_VOCAB, read_draft_vocab, save_draft_vocab
+from nimblelm.generation.sampling import SamplingConfig, probabilities
+from nimblelm.generation.speculative.drafters import Eagle2Drafter, EagleDrafter, EagleHead, MedusaHeads
+from nimblelm.generation.speculative.drafters.heads import DraftLogProbs, target_embed, target_logits
+from nimblelm.generation.speculative.verify import exact_outcomes, verify
+
+from ..conftest import build
+from .test_speculative import exact_two_token_distribution
+
+
+def make_head(target, noise=0.3, seed=0):
+    torch.manual_seed(seed)
+    cfg = target.config
+    head = EagleHead(cfg.hidden_size, cfg.vocab_size)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(noise * torch.randn_like(p))
+    return head.to(target.embed.weight.dtype)
+
+
+# -- incremental drafting vs recomputing every ancestor --------------------------------------------------
+class Recorder:
+    """Mixin: records every expand call (tree so far, frontier, returned log-probs)."""
+
+    def begin(self, prompt, request):
+        super().begin(prompt, request)
+        self.records = []
+
+    def _expand(self, tokens, parents, frontier):
+        logp = self._expand_impl(tokens, parents, frontier)
+        self.records.append((list(tokens), list(parents), list(frontier), logp.clone()))
+        return logp
+
+    def _expand_impl(self, tokens, parents, frontier):
+        return super()._expand(tokens, parents, frontier)
+
+
+class Recomputing(Recorder):
+    """The drafting of the previous release: each depth runs the frontier AND all its
+    ancestors as one tree call over the committed cache, then discards them."""
+
+    def _expand_impl(self, tokens, parents, frontier):
+        if frontier != [0]:
+            needed = set()
+            for node in frontier:
+                while node > 0 and node not in needed:
+                    needed.add(node)
+                    node = parents[node]
+            nodes = sorted(needed)
+            index = {node: i for i, node in enumerate(nodes)}
+            spec = TreeSpec(torch.tensor([index.get(parents[node], -1) for node in nodes]))
+            positions = (self.cache.length + spec.depth)[None]
+            embeds = target_embed(self.target, torch.tensor([tokens[node] for node in nodes]))
+            feats = torch.stack([self.predicted[parents[node]] for node in nodes])
+            out = self.head(embeds[None], feats[None], positions, cache=self.cache, tree=spec)[0]
+            self.cache.commit([])
+            self.calls += 1
+            for node in frontier:
+                self.predicted[node] = out[index[node]]
+        return self.logprobs(torch.stack([self.predicted[node] for node in frontier]))
+
+
+def drafters(cls, head, **kwargs):
+    fast = type("Fast", (Recorder, cls), {})(head, **kwargs)
+    naive = type("Naive", (Recomputing, cls), {})(head, **kwargs)
+    return fast, naive
+
+
+@pytest.mark.parametrize("cls, kwargs", [(EagleDrafter, dict(tree_size=12, max_depth=4, top_k=3)),
+                                         (Eagle2Drafter, dict(depth=4, top_k=3, total_tokens=8))],
+                         ids=["eagle", "eagle2"])
+@pytest.mark.parametrize("vocab", [None, 60], ids=["full-vocab", "draft-vocab"])
+def test_incremental_drafting_equals_recomputing_ancestors(cls, kwargs, vocab):
+    """Same expand calls, same draft log-probs (to float64 rounding), same trees, same
+    number of head calls, the same output; the head's cache ends at its committed length."""
+    target = build("attention-tiny")
+    head = make_head(target)
+    if vocab is not None:
+        head.set_draft_vocab(torch.randperm(target.config.vocab_size)[:vocab])
+    prompt = [7, 3, 9, 2, 11]
+    results = []
+    for drafter in drafters(cls, head, **kwargs):
+        res = nl.generate(target, prompt, max_new_tokens=14, strategy=cls.kind, drafter=drafter)
+        results.append((res, drafter))
+    (fast_res, fast), (naive_res, naive) = results
+    assert torch.equal(fast_res.tokens, naive_res.tokens)
+    assert fast.calls == naive.calls and fast_res.stats.rounds == naive_res.stats.rounds
+    assert len(fast.records) == len(naive.records) > 4
+    for (t1, p1, f1, lp1), (t2, p2, f2, lp2) in zip(fast.records, naive.records):
+        assert (t1, p1, f1) == (t2, p2, f2)
+        assert torch.equal(lp1.isinf(), lp2.isinf())
+        finite = lp1.isfinite()
+        torch.testing.assert_close(lp1[finite], lp2[finite], rtol=1e-10, atol=1e-10)
+    assert fast.cache.pending == 0 and fast.cache.length == naive.cache.length
+
+
+def test_incremental_drafting_fp32_same_trees():
+    """fp32: the draft log-probs agree to float32 rounding and every tree is the same."""
+    target = build("attention-tiny", dtype=torch.float32)
+    head = make_head(target, 0.2, seed=1)
+    fast, naive = drafters(Eagle2Drafter, head, depth=5, top_k=4, total_tokens=12)
+    expected = nl.generate(target, [5, 1, 8, 8, 2, 40], max_new_tokens=16).tokens
+    for drafter in (fast, naive):
+        assert torch.equal(nl.generate(target, [5, 1, 8, 8, 2, 40], max_new_tokens=16, strategy="eagle2",
+                                       drafter=drafter).tokens, expected)
+    assert [r[:3] for r in fast.records] == [r[:3] for r in naive.records]
+    for a, b in zip(fast.records, naive.records):
+        torch.testing.assert_close(a[3], b[3], rtol=1e-4, atol=1e-4)
+
+
+# -- the draft vocabulary ----------------------------------------------------------------------------------
+def test_draft_log_probs_are_the_softmax_over_the_subset_zero_elsewhere():
+    target = build("attention-tiny")
+    V = target.config.vocab_size
+    ids = torch.tensor([3, 17, 0, 250, 99, 4])
+    hidden = torch.randn(5, target.config.hidden_size, dtype=torch.float64)
+    full, sub = DraftLogProbs(), DraftLogProbs()
+    full.bind(target, None)
+    sub.bind(target, ids.sort().values)
+    torch.testing.assert_close(full(hidden), target_logits(target, hidden).log_softmax(-1), rtol=1e-12, atol=1e-12)
+    logp = sub(hidden)
+    assert logp.shape == (5, V) and logp.dtype == torch.float64
+    outside = torch.ones(V, dtype=torch.bool)
+    outside[ids] = False
+    assert torch.isneginf(logp[:, outside]).all()
+    probs = logp.exp()  # what a sampled drafter would record in child_probs
+    assert (probs[:, outside] == 0).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(5, dtype=torch.float64), rtol=0, atol=1e-12)
+    want = target_logits(target, hidden)[:, ids].log_softmax(-1)
+    torch.testing.assert_close(logp[:, ids], want, rtol=1e-12, atol=1e-12)
+
+
+def test_draft_vocab_with_logit_softcap():
+    target = build("attention-tiny", logit_softcap=3.0)
+    ids = torch.arange(0, 256, 5)
+    lp = DraftLogProbs()
+    lp.bind(target, ids)
+    hidden = torch.randn(2, target.config.hidden_size, dtype=torch.float64)
+    torch.testing.assert_close(lp(hidden)[:, ids], target_logits(target, hidden)[:, ids].log_softmax(-1),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("strategy", ["eagle", "eagle2"])
+def test_greedy_with_a_draft_vocab_equals_autoregressive(strategy, dtype):
+    """Subsets that hold the target's choices, and one that holds none of them: every child
+    comes from the subset and the output is autoregressive's."""
+    target = build("attention-tiny", dtype=dtype)
+    prompt = [4, 8, 15, 16, 23, 42]
+    expected = nl.generate(target, prompt, max_new_tokens=16).tokens
+    chosen = set(expected[0].tolist())
+    others = torch.tensor([t for t in range(target.config.vocab_size) if t not in chosen])
+    subsets = [torch.tensor(sorted(chosen | set(range(0, 256, 7)))), others[:20]]
+    for ids in subsets:
+        head = make_head(target, 0.1).set_draft_vocab(ids)
+        drafter = (EagleDrafter if strategy == "eagle" else Eagle2Drafter)(head)
+        trees = []
+        original = drafter.propose
+        drafter.propose = lambda context: trees.append(original(context)) or trees[-1]
+        res = nl.generate(target, prompt, max_new_tokens=16, strategy=strategy, drafter=drafter)
+        assert torch.equal(res.tokens, expected)
+        allowed = set(ids.tolist())
+        assert trees and all(set(t.token_list[1:]) <= allowed for t in trees)
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=0.7, top_k=3), dict(temperature=1.0),
+                                    dict(temperature=1.2, top_p=0.8)])
+@torch.no_grad()
+def test_one_round_with_a_draft_vocab_is_exact_by_enumeration(kwargs):
+    """Every branch of verifying the EAGLE-2 drafter's real tree (drafted from a 3-token
+    subset of a 5-token vocabulary), then the target's own p when the round emitted one
+    token: the first two tokens' joint equals autoregressive sampling's."""
+    vocab, prompt = 5, [1, 2, 3]
+    config = SamplingConfig(**kwargs)
+    target = build("attention-tiny", vocab_size=vocab, seed=3)
+
+    class Request:
+        max_new_tokens = 8
+
+    Request.target = target
+    drafter = Eagle2Drafter(make_head(target, 0.5).set_draft_vocab([0, 2, 4]), depth=3, top_k=2, total_tokens=6)
+    drafter.begin(prompt, Request)
+    cache = target.make_cache(1, 20)
+    drafter.observe_features(target(torch.tensor([prompt[:-1]]), cache=cache).hidden[0])
+    tree = drafter.propose(prompt)
+    assert len(tree) > 3 and set(tree.token_list[1:]) <= {0, 2, 4}
+    logits = target(tree.tokens[None], tree.positions(cache.length)[None], cache=cache, tree=tree.to_spec()).logits[0]
+    probs = probabilities(logits, config)
+    joint = torch.zeros(vocab, vocab, dtype=torch.float64)
+    for prob, result in exact_outcomes(lambda rng: verify(tree, probs, rng)):
+        tokens = result.tokens
+        if len(tokens) >= 2:
+            joint[tokens[0], tokens[1]] += prob
+        else:
+            after = probabilities(target(torch.tensor([prompt + tokens])).logits[0, -1], config)
+            joint[tokens[0]] += prob * after
+    torch.testing.assert_close(joint, exact_two_token_distribution(target, prompt, config), rtol=0, atol=1e-12)
+
+
+def test_sampled_with_a_draft_vocab_matches_target_distribution():
+    """Chi-square on the first two tokens, end to end through nl.generate."""
+    vocab, prompt, n = 5, [1, 2, 3], 300
+    kwargs = dict(temperature=0.9, top_k=4)
+    target = build("attention-tiny", vocab_size=vocab, seed=3)
+    joint = exact_two_token_distribution(target, prompt, SamplingConfig(**kwargs)).flatten()
+    drafter = Eagle2Drafter(make_head(target, 0.3).set_draft_vocab([1, 3, 4]), depth=3, top_k=3, total_tokens=6)
+    counts = torch.zeros_like(joint)
+    for seed in range(n):
+        toks = nl.generate(target, prompt, max_new_tokens=2, strategy="eagle2", drafter=drafter, seed=seed,
+                           **kwargs).tokens[0]
+        counts[toks[0] * vocab + toks[1]] += 1
+    assert counts[joint == 0].sum() == 0
+    expected = joint * n
+    cells = expected > 0
+    chi2 = (((counts - expected) ** 2)[cells] / expected[cells]).sum().item()
+    dof = int(cells.sum()) - 1
+    assert chi2 < dof + 5 * (2 * dof) ** 0.5, (chi2, dof)
+
+
+def test_draft_vocab_errors_and_opt_out():
+    head = EagleHead(64, 300)
+    for bad in ([], [[1, 2]], [0.5, 1.5], [-1, 3], [3, 300], [4, 4, 5]):
+        with pytest.raises(nl.GenerationError, match="draft vocabulary"):
+            head.set_draft_vocab(bad)
+    assert head.set_draft_vocab([9, 2, 5]).draft_vocab.tolist() == [2, 5, 9]
+    target = build("attention-tiny")
+    with pytest.raises(nl.GenerationError, match="draft vocabulary has 3 tokens, fewer than the 4 children"):
+        nl.generate(target, [1, 2, 3], max_new_tokens=4, strategy="eagle2",
+                    drafter=make_head(target).set_draft_vocab([1, 2, 3]))
+    # draft_vocab=False: the whole vocabulary, whatever the head carries
+    head = make_head(target).set_draft_vocab([1, 2, 3])
+    drafter = Eagle2Drafter(head, draft_vocab=False)
+    res = nl.generate(target, [1, 2, 3], max_new_tokens=6, strategy="eagle2", drafter=drafter)
+    assert torch.equal(res.tokens, nl.generate(target, [1, 2, 3], max_new_tokens=6).tokens)
+    assert drafter.logprobs.vocab_ids is None
+
+
+# -- the file next to the drafter --------------------------------------------------------------------------
+def test_frequent_tokens_and_write_draft_vocab(tmp_path):
+    from nimblelm.training.data import write_token_stream
+    from nimblelm.training.train_drafter import frequent_tokens, write_draft_vocab
+
+    stream = [5, 5, 5, 2, 2, 9, 9, 1, 7, 7, 7, 7]
+    assert frequent_tokens(stream, 10, 2).tolist() == [5, 7]  # counts: 7 x4, 5 x3, 2 x2, 9 x2, 1 x1
+    assert frequent_tokens(stream, 10, 3).tolist() == [2, 5, 7]  # the tie 2 / 9 goes to the smaller id
+    assert frequent_tokens(stream, 10, 5).tolist() == [1, 2, 5, 7, 9]
+    with pytest.raises(nl.NimbleError, match="size must be in 1..10"):
+        frequent_tokens(stream, 10, 11)
+    with pytest.raises(nl.NimbleError, match="ids >= 8"):
+        frequent_tokens(stream, 8, 2)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_token_stream(str(corpus / "train.bin"), stream * 3)
+    path = write_draft_vocab(str(corpus), str(tmp_path / "eagle"), 2, 10)
+    assert path.endswith(DRAFT_VOCAB) and read_draft_vocab(str(tmp_path / "eagle")).tolist() == [5, 7]
+
+
+def test_draft_vocab_file_round_trip(tmp_path):
+    from nimblelm.drafter_io import save_drafter
+
+    target = build("attention-tiny", dtype=torch.float32)
+    head = make_head(target, 0.1).set_draft_vocab([8, 1, 30, 7])
+    save_drafter(head, str(tmp_path / "eagle"))
+    assert (tmp_path / "eagle" / DRAFT_VOCAB).is_file()
+    loaded = nl.load_drafter(str(tmp_path / "eagle"), "eagle")
+    assert loaded.draft_vocab.tolist() == [1, 7, 8, 30]
+    assert read_draft_vocab(str(tmp_path)) is None
+    save_drafter(head.set_draft_vocab(None), str(tmp_path / "eagle"))  # no stale file left behind
+    assert not (tmp_path / "eagle" / DRAFT_VOCAB).exists()
+    assert nl.load_drafter(str(tmp_path / "eagle"), "eagle").draft_vocab is None
+    save_draft_vocab([1, 400], str(tmp_path / "eagle"))
+    with pytest.raises(nl.CheckpointError, match="draft_vocab.safetensors: a draft vocabulary needs distinct token"):
+        nl.load_drafter(str(tmp_path / "eagle"), "eagle")
+    save_drafter(MedusaHeads(target.config.hidden_size, target.config.vocab_size), str(tmp_path / "medusa"))
+    save_draft_vocab([1, 2], str(tmp_path / "medusa"))
+    with pytest.raises(nl.CheckpointError, match="medusa heads do not support a draft vocabulary"):
+        nl.load_drafter(str(tmp_path / "medusa"), "medusa")
+    from safetensors.torch import save_file
+
+    save_file({"ids": torch.zeros(3)}, str(tmp_path / "eagle" / DRAFT_VOCAB))
+    with pytest.raises(nl.CheckpointError, match="one 1-D integer tensor 'token_ids'"):
+        nl.load_drafter(str(tmp_path / "eagle"), "eagle")
+
+
+@pytest.mark.parametrize("name", ["nimble-code-attn", "nimble-code-hybrid"])
+def test_shipped_eagle_drafters_carry_a_draft_vocab(name):
+    head = nl.load_drafter(name, "eagle")
+    ids = head.draft_vocab
+    assert ids is not None and ids.numel() == 2048
+    assert torch.equal(ids, ids.unique()) and 0 <= int(ids[0]) and int(ids[-1]) < head.vocab_size
