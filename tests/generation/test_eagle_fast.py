@@ -11,7 +11,9 @@ from nimblelm.cache import TreeSpec
 from nimblelm.drafter_io import DRAFT_VOCAB, read_draft_vocab, save_draft_vocab
 from nimblelm.generation.sampling import SamplingConfig, probabilities
 from nimblelm.generation.speculative.drafters import Eagle2Drafter, EagleDrafter, EagleHead, MedusaHeads
-from nimblelm.generation.speculative.drafters.heads import DraftLogProbs, target_embed, target_logits
+from nimblelm.generation.speculative.drafters.dynamic_tree import SubsetLogProbs, expand_tree, top_children
+from nimblelm.generation.speculative.drafters.heads import (DraftLogProbs, expand_static, rank_tree, target_embed,
+                                                            target_logits)
 from nimblelm.generation.speculative.verify import exact_outcomes, verify
 
 from ..conftest import build
@@ -38,7 +40,9 @@ class Recorder:
 
     def _expand(self, tokens, parents, frontier):
         logp = self._expand_impl(tokens, parents, frontier)
-        self.records.append((list(tokens), list(parents), list(frontier), logp.clone()))
+        copy = SubsetLogProbs(logp.values.clone(), logp.token_ids, logp.vocab_size) \
+            if isinstance(logp, SubsetLogProbs) else logp.clone()
+        self.records.append((list(tokens), list(parents), list(frontier), copy))
         return logp
 
     def _expand_impl(self, tokens, parents, frontier):
@@ -98,9 +102,10 @@ def test_incremental_drafting_equals_recomputing_ancestors(cls, kwargs, vocab):
     assert len(fast.records) == len(naive.records) > 4
     for (t1, p1, f1, lp1), (t2, p2, f2, lp2) in zip(fast.records, naive.records):
         assert (t1, p1, f1) == (t2, p2, f2)
-        assert torch.equal(lp1.isinf(), lp2.isinf())
-        finite = lp1.isfinite()
-        torch.testing.assert_close(lp1[finite], lp2[finite], rtol=1e-10, atol=1e-10)
+        if vocab is not None:
+            assert torch.equal(lp1.token_ids, lp2.token_ids)
+            lp1, lp2 = lp1.values, lp2.values
+        torch.testing.assert_close(lp1, lp2, rtol=1e-10, atol=1e-10)
     assert fast.cache.pending == 0 and fast.cache.length == naive.cache.length
 
 
@@ -128,7 +133,9 @@ def test_draft_log_probs_are_the_softmax_over_the_subset_zero_elsewhere():
     full.bind(target, None)
     sub.bind(target, ids.sort().values)
     torch.testing.assert_close(full(hidden), target_logits(target, hidden).log_softmax(-1), rtol=1e-12, atol=1e-12)
-    logp = sub(hidden)
+    subset = sub(hidden)
+    assert isinstance(subset, SubsetLogProbs) and subset.token_ids.tolist() == sorted(ids.tolist())
+    logp = subset.full()
     assert logp.shape == (5, V) and logp.dtype == torch.float64
     outside = torch.ones(V, dtype=torch.bool)
     outside[ids] = False
@@ -146,8 +153,42 @@ def test_draft_vocab_with_logit_softcap():
     lp = DraftLogProbs()
     lp.bind(target, ids)
     hidden = torch.randn(2, target.config.hidden_size, dtype=torch.float64)
-    torch.testing.assert_close(lp(hidden)[:, ids], target_logits(target, hidden)[:, ids].log_softmax(-1),
+    torch.testing.assert_close(lp(hidden).full()[:, ids], target_logits(target, hidden)[:, ids].log_softmax(-1),
                                rtol=1e-12, atol=1e-12)
+
+
+def test_subset_log_probs_build_the_same_trees_as_their_full_form():
+    """expand_tree / expand_static on a SubsetLogProbs == on its -inf-filled full form (and
+    fewer children than top_k when the subset is smaller)."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.tensor([2, 5, 11, 12, 30, 31, 47])
+
+    def subset_expand(tokens, parents, frontier):
+        values = torch.randn(len(frontier), len(ids), generator=gen, dtype=torch.float64).log_softmax(-1)
+        return SubsetLogProbs(values, ids, 50)
+
+    records = []
+
+    def recording(tokens, parents, frontier):
+        records.append(subset_expand(tokens, parents, frontier))
+        return records[-1]
+
+    a = expand_tree(1, recording, depth=4, top_k=3)
+    replay = iter(records)
+    b = expand_tree(1, lambda t, p, f: next(replay).full(), depth=4, top_k=3)
+    assert a.tokens == b.tokens and a.parents == b.parents and torch.equal(a.scores, b.scores)
+    assert set(a.tokens[1:]) <= set(ids.tolist())
+    records.clear()
+    shape = rank_tree(12, 3, 3)
+    first = expand_static(1, shape, recording)
+    replay = iter(records)
+    second = expand_static(1, shape, lambda t, p, f: next(replay).full())
+    assert first.token_list == second.token_list and torch.equal(first.parents, second.parents)
+    small = SubsetLogProbs(torch.tensor([[-0.1, -2.4]], dtype=torch.float64), torch.tensor([4, 9]), 50)
+    logp, tokens = top_children(small, 4, 1)
+    assert tokens.tolist() == [[4, 9]] and logp.shape == (1, 2)
+    with pytest.raises(nl.GenerationError, match="expand must return log-probabilities"):
+        top_children(small, 2, 3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -234,14 +275,17 @@ def test_draft_vocab_errors_and_opt_out():
             head.set_draft_vocab(bad)
     assert head.set_draft_vocab([9, 2, 5]).draft_vocab.tolist() == [2, 5, 9]
     target = build("attention-tiny")
-    with pytest.raises(nl.GenerationError, match="draft vocabulary has 3 tokens, fewer than the 4 children"):
-        nl.generate(target, [1, 2, 3], max_new_tokens=4, strategy="eagle2",
-                    drafter=make_head(target).set_draft_vocab([1, 2, 3]))
+    expected = nl.generate(target, [1, 2, 3], max_new_tokens=6).tokens
+    # a subset smaller than top_k: fewer children per node
+    head = make_head(target).set_draft_vocab([1, 2, 3])
+    for strategy in ("eagle", "eagle2"):
+        assert torch.equal(nl.generate(target, [1, 2, 3], max_new_tokens=6, strategy=strategy, drafter=head).tokens,
+                           expected)
     # draft_vocab=False: the whole vocabulary, whatever the head carries
     head = make_head(target).set_draft_vocab([1, 2, 3])
     drafter = Eagle2Drafter(head, draft_vocab=False)
     res = nl.generate(target, [1, 2, 3], max_new_tokens=6, strategy="eagle2", drafter=drafter)
-    assert torch.equal(res.tokens, nl.generate(target, [1, 2, 3], max_new_tokens=6).tokens)
+    assert torch.equal(res.tokens, expected)
     assert drafter.logprobs.vocab_ids is None
 
 

@@ -23,7 +23,9 @@ whatever the target's sampling settings.
 
 ``expand`` is the only model-specific piece: ``expand(tokens, parents, frontier)`` gets the
 tree built so far (``tokens[i]``, ``parents[i]``, node 0 = root with parent -1) and the
-frontier's node indices (increasing), and returns log-probabilities ``[len(frontier), V]``.
+frontier's node indices (increasing), and returns log-probabilities ``[len(frontier), V]``,
+or a :class:`SubsetLogProbs` when the draft only covers a subset of the vocabulary (every
+other token has probability 0; children then come from the subset).
 :class:`DynamicTreeDrafter` implements it for a nimblelm LanguageModel with one tree call per
 step; an EAGLE feature-level head plugs in its own.
 
@@ -55,7 +57,37 @@ from ....cache import TreeSpec
 from ....errors import GenerationError
 from ..tree import DraftTree
 
-ExpandFn = Callable[[list[int], list[int], list[int]], torch.Tensor]
+
+
+@dataclass
+class SubsetLogProbs:
+    """Draft log-probabilities over a subset of the vocabulary (e.g. an FR-Spec draft
+    vocabulary): ``values[f, j]`` is the log-probability of token ``token_ids[j]`` after
+    frontier node f; every other token has probability exactly 0."""
+
+    values: torch.Tensor  # [F, V_sub]
+    token_ids: torch.Tensor  # [V_sub] long, distinct
+    vocab_size: int
+
+    def full(self) -> torch.Tensor:
+        """[F, vocab_size] log-probabilities, -inf outside the subset (their exp is the
+        distribution a sampled draft from this subset would be drawn from)."""
+        out = self.values.new_full((self.values.shape[0], self.vocab_size), float("-inf"))
+        return out.index_copy_(1, self.token_ids, self.values)
+
+
+ExpandFn = Callable[[list[int], list[int], list[int]], "torch.Tensor | SubsetLogProbs"]
+
+
+def top_children(logp: "torch.Tensor | SubsetLogProbs", k: int, num_frontier: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An ``expand`` result -> the (at most) ``k`` best children of every frontier node:
+    float64 log-probabilities clamped to <= 0 and token ids, both [F, min(k, candidates)]."""
+    values, ids = (logp.values, logp.token_ids) if isinstance(logp, SubsetLogProbs) else (logp, None)
+    if values.dim() != 2 or values.shape[0] != num_frontier:
+        raise GenerationError(f"expand must return log-probabilities [{num_frontier}, V], got {tuple(values.shape)}")
+    values = values.to(torch.float64).clamp(max=0.0)
+    child_logp, index = values.topk(min(k, values.shape[1]), dim=-1)
+    return child_logp, index if ids is None else ids[index]
 
 
 # -- the algorithm -------------------------------------------------------------------------------
@@ -84,12 +116,8 @@ def expand_tree(root_token: int, expand: ExpandFn, depth: int, top_k: int) -> Ex
     scores = [torch.zeros(1, dtype=torch.float64)]
     frontier = [0]
     for _ in range(depth):
-        logp = expand(tokens, parents, frontier).to(torch.float64).clamp(max=0.0)  # [F, V]
-        if logp.dim() != 2 or logp.shape[0] != len(frontier):
-            raise GenerationError(f"expand must return log-probabilities [{len(frontier)}, V], "
-                                  f"got {tuple(logp.shape)}")
-        k = min(top_k, logp.shape[1])
-        child_logp, child_tokens = logp.topk(k, dim=-1)  # [F, k]
+        child_logp, child_tokens = top_children(expand(tokens, parents, frontier), top_k, len(frontier))  # [F, k]
+        k = child_logp.shape[1]
         parent_scores = torch.cat(scores)[frontier]
         child_scores = (parent_scores[:, None] + child_logp).reshape(-1)  # [F * k], frontier-major
         first = len(tokens)

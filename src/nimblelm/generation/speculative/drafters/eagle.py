@@ -23,7 +23,8 @@ length (:meth:`Cache.snapshot` / :meth:`Cache.restore`).
 sorted subset of frequent token ids (shipped as ``draft_vocab.safetensors`` next to the
 drafter, see :mod:`nimblelm.drafter_io`). The drafter then scores only those rows of the
 target's LM head; its draft distribution is the softmax over the subset, zero elsewhere
-(log-probabilities -inf), so children always come from the subset. Drafts stay
+(:class:`~.dynamic_tree.SubsetLogProbs`), so children always come from the subset (fewer
+than top_k when the subset is that small). Drafts stay
 deterministic top-k choices (``child_probs=None``, one-hot proposals), so verification and
 hence the output are unchanged; only which tokens get drafted changes.
 """
@@ -46,7 +47,8 @@ from ....layers.rotary import inverse_frequencies, rope_cos_sin
 from ....models.config import ModelConfig
 from ....models.lm import Block
 from ..tree import DraftTree
-from .dynamic_tree import DynamicTreeSizing, TargetCost, best_size, expand_tree, select_nodes, subtree
+from .dynamic_tree import (DynamicTreeSizing, SubsetLogProbs, TargetCost, best_size, expand_tree, select_nodes,
+                           subtree)
 from .heads import DraftLogProbs, bind_head, expand_static, rank_tree, target_embed
 
 
@@ -193,18 +195,10 @@ class EagleDrafter:
         """Most draft entries one round adds to the head's cache, plus one."""
         return self.max_tree_size
 
-    def _children_per_node(self) -> int:
-        return 1 + max((path[-1] for path in self.shape), default=0)
-
     def begin(self, prompt: list[int], request) -> None:
         self.target = request.target
         bind_head(self.head, self.target, "EAGLE")
-        vocab = self.head.draft_vocab if self.use_draft_vocab else None
-        if vocab is not None and vocab.numel() < self._children_per_node():
-            raise GenerationError(f"the EAGLE head's draft vocabulary has {vocab.numel()} tokens, fewer than the "
-                                  f"{self._children_per_node()} children per node the tree needs; use a larger "
-                                  "draft vocabulary or a smaller top_k")
-        self.logprobs.bind(self.target, vocab)
+        self.logprobs.bind(self.target, self.head.draft_vocab if self.use_draft_vocab else None)
         self.cache = self.head.make_cache(len(prompt) + request.max_new_tokens + self._max_call_nodes() + 1)
         self.features: list[torch.Tensor] = []  # target features not yet fed to the head, [n, D] each
         self.calls = 0
@@ -252,9 +246,9 @@ class EagleDrafter:
         finally:
             self.cache.restore(saved)
 
-    def _expand(self, tokens: list[int], parents: list[int], frontier: list[int]) -> torch.Tensor:
-        """Draft log-probs [F, V] after each frontier node (one head call for the frontier nodes
-        not run yet)."""
+    def _expand(self, tokens: list[int], parents: list[int], frontier: list[int]) -> torch.Tensor | SubsetLogProbs:
+        """Draft log-probs [F, V] (or over the draft vocabulary) after each frontier node (one
+        head call for the frontier nodes not run yet)."""
         new = [node for node in frontier if node not in self.predicted]
         if new:
             self._draft_call(tokens, parents, new)
@@ -319,9 +313,6 @@ class Eagle2Drafter(DynamicTreeSizing, EagleDrafter):
 
     def _max_call_nodes(self) -> int:
         return self.top_k * self.depth + 1
-
-    def _children_per_node(self) -> int:
-        return self.top_k
 
     def begin(self, prompt: list[int], request) -> None:
         super().begin(prompt, request)

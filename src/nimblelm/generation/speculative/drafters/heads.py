@@ -3,7 +3,8 @@
 * Binding: a head owns only its own weights; it reuses the target's LM head (and token
   embedding) through :func:`target_logits` / :func:`target_embed`, and is bound to the
   target lazily in ``begin(prompt, request)`` (:func:`bind_head`: shape checks, dtype and
-  device follow the target).
+  device follow the target). :class:`DraftLogProbs` turns predicted features into draft
+  log-probabilities, over the whole vocabulary or over a draft vocabulary (FR-Spec).
 * Static trees: :func:`rank_tree` builds a fixed sparse tree *shape* as rank paths (node
   ``(0, 2)`` = the best child of the root, then that node's third-best child), with more
   branching near the root; :func:`expand_static` fills in tokens depth by depth from any
@@ -25,6 +26,7 @@ from torch import nn
 
 from ....errors import GenerationError
 from ..tree import DraftTree
+from .dynamic_tree import SubsetLogProbs, top_children
 
 
 # -- the target's pieces the heads reuse ---------------------------------------------------------
@@ -54,10 +56,11 @@ def softcap(target, logits: torch.Tensor) -> torch.Tensor:
 
 class DraftLogProbs:
     """Draft log-probabilities from predicted features through the target's LM head, over the
-    whole vocabulary or only over a draft vocabulary (sorted token ids, FR-Spec): then only
-    those rows of the head are applied, the softmax runs over the subset and every other token
-    gets log-probability -inf (probability exactly 0). ``bind(target, vocab_ids)`` once per
-    sequence; the [D, V_draft] head slice is rebuilt only when the weight or the ids change."""
+    whole vocabulary ([F, V] float64) or only over a draft vocabulary (sorted token ids,
+    FR-Spec): then only those rows of the head are applied and the softmax runs over the
+    subset, returned as a :class:`SubsetLogProbs` (every other token has probability exactly
+    0). ``bind(target, vocab_ids)`` once per sequence; the [D, V_draft] head slice is rebuilt
+    only when the weight or the ids change."""
 
     def __init__(self):
         self.target, self.vocab_ids, self.head_t, self._key = None, None, None, None
@@ -75,13 +78,12 @@ class DraftLogProbs:
             self._key = key
         self.vocab_ids = ids
 
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [F, D] -> float64 log-probabilities [F, V] (full vocabulary)."""
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor | SubsetLogProbs:
+        """hidden [F, D] -> float64 log-probabilities [F, V], or over the draft vocabulary."""
         if self.vocab_ids is None:
             return target_logits(self.target, hidden).double().log_softmax(-1)
         sub = softcap(self.target, hidden @ self.head_t).double().log_softmax(-1)  # [F, V_draft]
-        full = sub.new_full((hidden.shape[0], self.target.config.vocab_size), float("-inf"))
-        return full.index_copy_(1, self.vocab_ids, sub)
+        return SubsetLogProbs(sub, self.vocab_ids, self.target.config.vocab_size)
 
 
 def target_embed(target, tokens: torch.Tensor) -> torch.Tensor:
@@ -146,9 +148,10 @@ def shape_parents(shape: list[tuple[int, ...]]) -> list[int]:
 
 def expand_static(root_token: int, shape: list[tuple[int, ...]], expand) -> DraftTree:
     """Fill the rank-path ``shape`` with tokens: at each depth, ``expand(tokens, parents,
-    frontier)`` gives log-probs [F, V] after the frontier (the nodes of that depth that have
-    children; node indices increasing) and child ``path`` gets the ``path[-1]``-th most
-    probable token after its parent. Ranks >= V are dropped with their subtrees."""
+    frontier)`` gives log-probs [F, V] (or a :class:`~.dynamic_tree.SubsetLogProbs`) after the
+    frontier (the nodes of that depth that have children; node indices increasing) and child
+    ``path`` gets the ``path[-1]``-th most probable token after its parent. Ranks >= the
+    number of candidate tokens are dropped with their subtrees."""
     parents_all = shape_parents(shape)
     tokens, parents, new_index = [int(root_token)], [-1], {0: 0}
     for depth in range(1, max((len(p) for p in shape), default=0) + 1):
@@ -156,11 +159,10 @@ def expand_static(root_token: int, shape: list[tuple[int, ...]], expand) -> Draf
         if not level:
             break
         frontier = sorted({new_index[parents_all[i]] for i in level})
-        logp = expand(tokens, parents, frontier)  # [F, V]
-        if logp.dim() != 2 or logp.shape[0] != len(frontier):
-            raise GenerationError(f"expand must return log-probabilities [{len(frontier)}, V], got {tuple(logp.shape)}")
-        k = min(1 + max(shape[i - 1][-1] for i in level), logp.shape[1])
-        ranked = logp.topk(k, dim=-1).indices.tolist()  # [F, k]
+        _, ranked = top_children(expand(tokens, parents, frontier), 1 + max(shape[i - 1][-1] for i in level),
+                                 len(frontier))
+        k = ranked.shape[1]
+        ranked = ranked.tolist()  # [F, k]
         row = {node: r for r, node in enumerate(frontier)}
         for i in level:
             rank = shape[i - 1][-1]
