@@ -50,7 +50,7 @@ def test_taylor_first_order_kernel(scale):
 def test_taylor_second_order_kernel(D):
     q, k = pairs(D=D, scale=2.0)
     pq, pk = fm.taylor_second_order(q), fm.taylor_second_order(k)
-    assert pq.shape == (*q.shape[:-1], 1 + D + D * D)
+    assert pq.shape == (*q.shape[:-1], 1 + D + D * (D + 1) // 2)  # each unordered pair once
     assert pq.shape[-1] == fm.feature_dim("taylor_second_order", D)
     u = dot(q, k)
     kernel = 1 + u / math.sqrt(D) + u ** 2 / (2 * D)

@@ -73,8 +73,9 @@ class LinearAttentionMixer(RecurrentMixer):
     def _inputs(self, x: torch.Tensor):
         batch, length, _ = x.shape
         heads = (batch, length, self.num_heads, -1)
-        q = self.phi(self.q_proj(x).view(heads))  # [B, T, H, F]
-        k = self.phi(self.k_proj(x).view(heads))
+        # phi runs head-major, so its (wider) output needs no permuting copy inside chunk_gla
+        q = self.phi(self.q_proj(x).view(heads).transpose(1, 2).contiguous()).transpose(1, 2)  # [B, T, H, F] view
+        k = self.phi(self.k_proj(x).view(heads).transpose(1, 2).contiguous()).transpose(1, 2)
         v = self.v_proj(x).view(heads)  # [B, T, H, Dv]
         g, gk = self.decays(x)
         return dict(q=q, k=k, v=v, g=g, gk=gk, scale=self.scale(), normalize=self.normalize)
