@@ -94,9 +94,9 @@ class Mamba2(RecurrentMixer):
 
     def _output(self, o: torch.Tensor, v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """o, v [B, T, H, P], z [B, T, d_inner] -> [B, T, hidden]."""
-        y = (o + v * self.D[:, None]).flatten(2) * F.silu(z)  # [B, T, d_inner]
+        y = torch.addcmul(o, v, self.D[:, None]).flatten(2) * F.silu(z)  # [B, T, d_inner]
         groups = y.view(*y.shape[:-1], self.n_groups, -1)  # [B, T, G, d_inner / G]
-        y = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(2)
+        y = F.rms_norm(groups, groups.shape[-1:], eps=self.eps).flatten(2)
         return self.out_proj(y * self.norm_weight)
 
     def sequence_forward(self, x: torch.Tensor, state: dict | None, positions=None):

@@ -100,7 +100,7 @@ def chunk_ssd(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, initial_
         starts.append(S)
         S = torch.addcmul(U[:, n], decay_cols[:, n], S)
     S_start = torch.stack(starts, dim=1)  # [Bz,Nc,G,N,Hg*P] state entering each chunk
-    y = y + heads(Cc @ S_start) * b.exp()[..., None]  # inter-chunk part
+    y = torch.addcmul(y, heads(Cc @ S_start), b.exp()[..., None])  # inter-chunk part
     y = y.reshape(Bz, Nc * L, H, P)[:, :T]
     final = S.view(Bz, G, N, Hg, P).transpose(2, 3).reshape(Bz, H, N, P) if output_final_state else None
     return y, final
