@@ -342,3 +342,21 @@ def test_shipped_eagle_drafters_carry_a_draft_vocab(name):
     ids = head.draft_vocab
     assert ids is not None and ids.numel() == 2048
     assert torch.equal(ids, ids.unique()) and 0 <= int(ids[0]) and int(ids[-1]) < head.vocab_size
+
+
+def test_train_drafter_vocab_only_writes_the_file(tmp_path):
+    from nimblelm.training.data import write_token_stream
+    from nimblelm.training.train_drafter import main
+
+    target = build("attention-tiny", dtype=torch.float32)
+    target.save(str(tmp_path / "target"))
+    (tmp_path / "corpus").mkdir()
+    write_token_stream(str(tmp_path / "corpus" / "train.bin"), [3] * 5 + [9] * 4 + [1] * 2 + list(range(200)))
+    args = ["--target", str(tmp_path / "target"), "--kind", "eagle", "--data", str(tmp_path / "corpus"),
+            "--out", str(tmp_path / "eagle")]
+    assert main(args + ["--draft-vocab", "3", "--vocab-only"]) == 0
+    assert read_draft_vocab(str(tmp_path / "eagle")).tolist() == [1, 3, 9]
+    with pytest.raises(nl.NimbleError, match="--vocab-only needs --draft-vocab N"):
+        main(args + ["--vocab-only"])
+    with pytest.raises(nl.NimbleError, match="apply to --kind eagle only"):
+        main(args[:3] + ["medusa"] + args[4:] + ["--draft-vocab", "3"])
