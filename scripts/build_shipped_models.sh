@@ -16,14 +16,14 @@ $NL train lm --preset code-attn   --out runs/code-attn   --steps 480 --eval-ever
 $NL train lm --preset code-hybrid --out runs/code-hybrid --steps 340 --eval-every 85 $common &
 wait
 
-drafter() {  # target kind steps seq_len
+drafter() {  # target kind steps seq_len [extra options]
   $NL train drafter --target "runs/$1" --kind "$2" --data data/code --out "runs/$1/drafters/$2" --steps "$3" \
       --batch-size 8 --seq-len "$4" --lr 3e-3 --min-lr 3e-4 --warmup 10 --eval-every 0 --eval-batches 4 \
-      --checkpoint-every 20 --threads "$THREADS" --weight-dtype float16
+      --checkpoint-every 20 --threads "$THREADS" --weight-dtype float16 "${@:5}"
 }
 # (the step counts fit the session that made the shipped files; more steps give better drafters)
 for target in code-attn code-hybrid; do
-  drafter $target eagle  100 256 &
+  drafter $target eagle  100 256 --draft-vocab 2048 &  # + draft_vocab.safetensors (FR-Spec subset)
   drafter $target medusa  60 128 &
   wait
   drafter $target hydra   60 128 &

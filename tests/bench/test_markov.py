@@ -40,14 +40,17 @@ def test_reference_losses():
 def test_untrained_model_is_not_near_the_optimum():
     """Negative control for the metric: fresh untied weights predict ~uniformly, worse than
     unigram. (A fresh TIED model already leans to repeating the current token, since its logits
-    are e_i . norm(e_current): that beats unigram on this p + q < 1 chain.)"""
-    torch.manual_seed(0)
-    model = LanguageModel(markov.markov_config("untied-1L", 16, 64, "gla"))
+    are e_i . norm(e_current): that beats unigram on this p + q < 1 chain.) One fresh model's
+    loss scatters around ln 2 by +-0.03 with its random draw, so the mean over 8 is compared."""
     chains = markov.sample_chains(256, 64, 0.2, 0.3, np.random.default_rng(2))
-    with torch.no_grad():
-        loss = float(markov.next_token_loss(model, chains))
+    losses = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        model = LanguageModel(markov.markov_config("untied-1L", 16, 64, "gla"))
+        with torch.no_grad():
+            losses.append(float(markov.next_token_loss(model, chains)))
     _, unigram = markov.reference_losses(chains, 0.2, 0.3)
-    assert loss > unigram
+    assert sum(losses) / len(losses) > unigram + 0.005
 
 
 def test_variants_build_what_they_say():
