@@ -91,4 +91,5 @@ def test_mamba2_tree_pass_equals_level_by_level(dtype):
     tol = dict(rtol=0, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(states[0][0], states[1][0], **tol)
     for key in ("conv", "ssm"):
-        torch.testing.assert_close(states[0][1][key], states[1][1][key], **tol)
+        for node in range(len(parents)):  # the one-pass ssm states are computed per node on demand
+            torch.testing.assert_close(states[0][1][key][:, node], states[1][1][key][:, node], **tol)
