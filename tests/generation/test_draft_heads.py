@@ -219,27 +219,11 @@ def test_eagle_cached_drafting_equals_full_recompute():
 def test_sampled_first_two_tokens_match_target(strategy):
     """Chi-square on the joint of the first two tokens vs the exact processed target
     distribution (deterministic top-k drafts, verified as one-hot proposals)."""
-    from nimblelm.generation.sampling import SamplingConfig
+    from .test_speculative import assert_first_two_tokens_follow_target
 
-    from .test_speculative import exact_two_token_distribution
-
-    vocab, n = 5, 500
-    target = build("attention-tiny", vocab_size=vocab, seed=3)
-    prompt = [1, 2, 3]
-    kwargs = dict(temperature=0.9, top_k=4)
-    joint = exact_two_token_distribution(target, prompt, SamplingConfig(**kwargs)).flatten()
-    heads = make_heads(strategy, target, 0.3)
-    counts = torch.zeros_like(joint)
-    for seed in range(n):
-        toks = nl.generate(target, prompt, max_new_tokens=2, strategy=strategy, drafter=heads, seed=seed,
-                           **kwargs).tokens[0]
-        counts[toks[0] * vocab + toks[1]] += 1
-    assert counts[joint == 0].sum() == 0
-    expected = joint * n
-    cells = expected > 0
-    chi2 = (((counts - expected) ** 2)[cells] / expected[cells]).sum().item()
-    dof = int(cells.sum()) - 1
-    assert chi2 < dof + 5 * (2 * dof) ** 0.5, (chi2, dof)
+    target = build("attention-tiny", vocab_size=5, seed=3)
+    assert_first_two_tokens_follow_target(target, [1, 2, 3], 500, dict(temperature=0.9, top_k=4),
+                                          strategy=strategy, drafter=make_heads(strategy, target, 0.3))
 
 
 # -- checkpoints and errors ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from nimblelm.generation.speculative.verify import exact_outcomes, verify
 
 from ..conftest import build
 from ..layers.test_recurrent_base import toy_model  # registers the toy recurrent mixer too
-from .test_speculative import exact_two_token_distribution, noisy_copy
+from .test_speculative import assert_first_two_tokens_follow_target, exact_two_token_distribution, noisy_copy
 
 
 class _Request:
@@ -231,22 +231,10 @@ SAMPLING_CASES = [dict(temperature=0.7, top_k=3),
 @pytest.mark.parametrize("kwargs", SAMPLING_CASES)
 def test_sampled_tree_matches_target_distribution(kwargs):
     """Chi-square on the first two tokens vs the exact processed target distribution."""
-    vocab, prompt = 5, [1, 2, 3]
-    target = build("attention-tiny", vocab_size=vocab, seed=3)
-    drafter = DynamicTreeDrafter(build("attention-tiny", vocab_size=vocab, seed=4), depth=2, top_k=2, total_tokens=4)
-    joint = exact_two_token_distribution(target, prompt, SamplingConfig(**kwargs)).flatten()
-    counts = torch.zeros_like(joint)
-    n = 200 if kwargs.get("top_k") else 1500
-    for seed in range(n):
-        toks = nl.generate(target, prompt, max_new_tokens=2, strategy="tree", drafter=drafter, seed=seed,
-                           **kwargs).tokens[0]
-        counts[toks[0] * vocab + toks[1]] += 1
-    assert counts[joint == 0].sum() == 0
-    expected = joint * n
-    cells = expected > 0
-    chi2 = (((counts - expected) ** 2)[cells] / expected[cells]).sum().item()
-    dof = int(cells.sum()) - 1
-    assert chi2 < dof + 5 * (2 * dof) ** 0.5, (chi2, dof)
+    target = build("attention-tiny", vocab_size=5, seed=3)
+    drafter = DynamicTreeDrafter(build("attention-tiny", vocab_size=5, seed=4), depth=2, top_k=2, total_tokens=4)
+    assert_first_two_tokens_follow_target(target, [1, 2, 3], 200 if kwargs.get("top_k") else 1500, kwargs,
+                                          strategy="tree", drafter=drafter)
 
 
 # -- total_tokens="auto" ---------------------------------------------------------------------------------

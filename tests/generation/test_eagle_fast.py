@@ -17,7 +17,7 @@ from nimblelm.generation.speculative.drafters.heads import (DraftLogProbs, expan
 from nimblelm.generation.speculative.verify import exact_outcomes, verify
 
 from ..conftest import build
-from .test_speculative import exact_two_token_distribution
+from .test_speculative import assert_first_two_tokens_follow_target, exact_two_token_distribution
 
 
 def make_head(target, noise=0.3, seed=0):
@@ -250,22 +250,10 @@ def test_one_round_with_a_draft_vocab_is_exact_by_enumeration(kwargs):
 
 def test_sampled_with_a_draft_vocab_matches_target_distribution():
     """Chi-square on the first two tokens, end to end through nl.generate."""
-    vocab, prompt, n = 5, [1, 2, 3], 300
-    kwargs = dict(temperature=0.9, top_k=4)
-    target = build("attention-tiny", vocab_size=vocab, seed=3)
-    joint = exact_two_token_distribution(target, prompt, SamplingConfig(**kwargs)).flatten()
+    target = build("attention-tiny", vocab_size=5, seed=3)
     drafter = Eagle2Drafter(make_head(target, 0.3).set_draft_vocab([1, 3, 4]), depth=3, top_k=3, total_tokens=6)
-    counts = torch.zeros_like(joint)
-    for seed in range(n):
-        toks = nl.generate(target, prompt, max_new_tokens=2, strategy="eagle2", drafter=drafter, seed=seed,
-                           **kwargs).tokens[0]
-        counts[toks[0] * vocab + toks[1]] += 1
-    assert counts[joint == 0].sum() == 0
-    expected = joint * n
-    cells = expected > 0
-    chi2 = (((counts - expected) ** 2)[cells] / expected[cells]).sum().item()
-    dof = int(cells.sum()) - 1
-    assert chi2 < dof + 5 * (2 * dof) ** 0.5, (chi2, dof)
+    assert_first_two_tokens_follow_target(target, [1, 2, 3], 300, dict(temperature=0.9, top_k=4),
+                                          strategy="eagle2", drafter=drafter)
 
 
 def test_draft_vocab_errors_and_opt_out():

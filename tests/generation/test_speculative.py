@@ -79,6 +79,27 @@ def exact_two_token_distribution(model, prompt, sampling):
     return joint
 
 
+def assert_first_two_tokens_follow_target(target, prompt, n, sampling_kwargs, **generate_kwargs):
+    """Chi-square (~5 sigma) of the joint of the first two generated tokens over ``n`` seeds
+    against the exact processed target distribution; a token the processed distribution
+    removed must never appear."""
+    from nimblelm.generation.sampling import SamplingConfig
+
+    vocab = target.config.vocab_size
+    joint = exact_two_token_distribution(target, prompt, SamplingConfig(**sampling_kwargs)).flatten()
+    counts = torch.zeros_like(joint)
+    for seed in range(n):
+        toks = nl.generate(target, prompt, max_new_tokens=2, seed=seed, **sampling_kwargs,
+                           **generate_kwargs).tokens[0]
+        counts[toks[0] * vocab + toks[1]] += 1
+    assert counts[joint == 0].sum() == 0
+    expected = joint * n
+    cells = expected > 0
+    chi2 = (((counts - expected) ** 2)[cells] / expected[cells]).sum().item()
+    dof = int(cells.sum()) - 1
+    assert chi2 < dof + 5 * (2 * dof) ** 0.5, (chi2, dof)
+
+
 SAMPLING_CASES = [dict(temperature=0.7, top_k=3),
                   pytest.param(dict(temperature=1.0), marks=pytest.mark.slow),
                   pytest.param(dict(temperature=1.2, top_p=0.8), marks=pytest.mark.slow)]
@@ -87,22 +108,7 @@ SAMPLING_CASES = [dict(temperature=0.7, top_k=3),
 @pytest.mark.parametrize("kwargs", SAMPLING_CASES)
 def test_sampled_speculative_matches_target_distribution(kwargs):
     """Chi-square on the first two tokens vs the exact processed target distribution."""
-    from nimblelm.generation.sampling import SamplingConfig
-
-    vocab = 5
-    target = build("attention-tiny", vocab_size=vocab, seed=3)
-    draft = build("attention-tiny", vocab_size=vocab, seed=4)
-    prompt = [1, 2, 3]
-    joint = exact_two_token_distribution(target, prompt, SamplingConfig(**kwargs)).flatten()
-    counts = torch.zeros_like(joint)
-    n = 600 if kwargs.get("top_k") else 1500
-    for seed in range(n):
-        toks = nl.generate(target, prompt, max_new_tokens=2, strategy="sps", drafter=DraftModelDrafter(draft, 2),
-                           seed=seed, **kwargs).tokens[0]
-        counts[toks[0] * vocab + toks[1]] += 1
-    assert counts[joint == 0].sum() == 0  # never emits a token the processed distribution removed
-    expected = joint * n
-    cells = expected > 0
-    chi2 = (((counts - expected) ** 2)[cells] / expected[cells]).sum().item()
-    dof = int(cells.sum()) - 1
-    assert chi2 < dof + 5 * (2 * dof) ** 0.5, (chi2, dof)  # ~5 sigma
+    target = build("attention-tiny", vocab_size=5, seed=3)
+    draft = build("attention-tiny", vocab_size=5, seed=4)
+    assert_first_two_tokens_follow_target(target, [1, 2, 3], 600 if kwargs.get("top_k") else 1500, kwargs,
+                                          strategy="sps", drafter=DraftModelDrafter(draft, 2))
