@@ -9,15 +9,14 @@ import pytest
 import torch
 
 import nimblelm as nl
-from nimblelm.generation.sampling import SamplingConfig, probabilities
+from nimblelm.generation.sampling import SamplingConfig
 from nimblelm.generation.speculative.drafters.dynamic_tree import (DynamicTreeDrafter, Expansion, TargetCost,
                                                                    best_size, calibration_tree, expand_tree,
                                                                    select_nodes, size_grid, subtree)
-from nimblelm.generation.speculative.verify import exact_outcomes, verify
 
 from ..conftest import build
 from ..layers.test_recurrent_base import toy_model  # registers the toy recurrent mixer too
-from .test_speculative import assert_first_two_tokens_follow_target, exact_two_token_distribution, noisy_copy
+from .test_speculative import assert_first_two_tokens_follow_target, assert_round_is_exact, noisy_copy
 
 
 class _Request:
@@ -210,17 +209,7 @@ def test_one_round_is_exact_by_enumeration(kwargs):
     tree = drafter.propose(prompt)
     cache = target.make_cache(1, 20)
     target(torch.tensor([prompt[:-1]]), cache=cache)
-    logits = target(tree.tokens[None], tree.positions(cache.length)[None], cache=cache, tree=tree.to_spec()).logits[0]
-    probs = probabilities(logits, config)
-    joint = torch.zeros(vocab, vocab, dtype=torch.float64)
-    for prob, result in exact_outcomes(lambda rng: verify(tree, probs, rng)):
-        tokens = result.tokens
-        if len(tokens) >= 2:
-            joint[tokens[0], tokens[1]] += prob
-        else:
-            after = probabilities(target(torch.tensor([prompt + tokens])).logits[0, -1], config)
-            joint[tokens[0]] += prob * after
-    torch.testing.assert_close(joint, exact_two_token_distribution(target, prompt, config), rtol=0, atol=1e-12)
+    assert_round_is_exact(target, prompt, tree, cache, config)
 
 
 SAMPLING_CASES = [dict(temperature=0.7, top_k=3),

@@ -9,15 +9,14 @@ import torch
 import nimblelm as nl
 from nimblelm.cache import TreeSpec
 from nimblelm.drafter_io import DRAFT_VOCAB, read_draft_vocab, save_draft_vocab
-from nimblelm.generation.sampling import SamplingConfig, probabilities
+from nimblelm.generation.sampling import SamplingConfig
 from nimblelm.generation.speculative.drafters import Eagle2Drafter, EagleDrafter, EagleHead, MedusaHeads
 from nimblelm.generation.speculative.drafters.dynamic_tree import SubsetLogProbs, expand_tree, top_children
 from nimblelm.generation.speculative.drafters.heads import (DraftLogProbs, expand_static, rank_tree, target_embed,
                                                             target_logits)
-from nimblelm.generation.speculative.verify import exact_outcomes, verify
 
 from ..conftest import build
-from .test_speculative import assert_first_two_tokens_follow_target, exact_two_token_distribution
+from .test_speculative import assert_first_two_tokens_follow_target, assert_round_is_exact
 
 
 def make_head(target, noise=0.3, seed=0):
@@ -235,17 +234,7 @@ def test_one_round_with_a_draft_vocab_is_exact_by_enumeration(kwargs):
     drafter.observe_features(target(torch.tensor([prompt[:-1]]), cache=cache).hidden[0])
     tree = drafter.propose(prompt)
     assert len(tree) > 3 and set(tree.token_list[1:]) <= {0, 2, 4}
-    logits = target(tree.tokens[None], tree.positions(cache.length)[None], cache=cache, tree=tree.to_spec()).logits[0]
-    probs = probabilities(logits, config)
-    joint = torch.zeros(vocab, vocab, dtype=torch.float64)
-    for prob, result in exact_outcomes(lambda rng: verify(tree, probs, rng)):
-        tokens = result.tokens
-        if len(tokens) >= 2:
-            joint[tokens[0], tokens[1]] += prob
-        else:
-            after = probabilities(target(torch.tensor([prompt + tokens])).logits[0, -1], config)
-            joint[tokens[0]] += prob * after
-    torch.testing.assert_close(joint, exact_two_token_distribution(target, prompt, config), rtol=0, atol=1e-12)
+    assert_round_is_exact(target, prompt, tree, cache, config)
 
 
 def test_sampled_with_a_draft_vocab_matches_target_distribution():

@@ -79,6 +79,27 @@ def exact_two_token_distribution(model, prompt, sampling):
     return joint
 
 
+def assert_round_is_exact(target, prompt, tree, cache, config):
+    """Every branch of verifying ``tree`` (the cache holds ``prompt[:-1]``), then the
+    target's own p when the round emitted one token: the joint of the first two tokens must
+    equal autoregressive sampling's exactly."""
+    from nimblelm.generation.sampling import probabilities
+    from nimblelm.generation.speculative.verify import exact_outcomes, verify
+
+    vocab = target.config.vocab_size
+    logits = target(tree.tokens[None], tree.positions(cache.length)[None], cache=cache, tree=tree.to_spec()).logits[0]
+    probs = probabilities(logits, config)
+    joint = torch.zeros(vocab, vocab, dtype=torch.float64)
+    for prob, result in exact_outcomes(lambda rng: verify(tree, probs, rng)):
+        tokens = result.tokens
+        if len(tokens) >= 2:
+            joint[tokens[0], tokens[1]] += prob
+        else:
+            after = probabilities(target(torch.tensor([prompt + tokens])).logits[0, -1], config)
+            joint[tokens[0]] += prob * after
+    torch.testing.assert_close(joint, exact_two_token_distribution(target, prompt, config), rtol=0, atol=1e-12)
+
+
 def assert_first_two_tokens_follow_target(target, prompt, n, sampling_kwargs, **generate_kwargs):
     """Chi-square (~5 sigma) of the joint of the first two generated tokens over ``n`` seeds
     against the exact processed target distribution; a token the processed distribution
