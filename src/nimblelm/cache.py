@@ -71,6 +71,7 @@ class ForwardInfo:
     key_positions: torch.Tensor | None = None  # [B, start + n] logical positions of every key slot
     key_valid: torch.Tensor | None = None  # [B, start + n] bool, None = every slot valid
     _masks: dict = field(default_factory=dict, repr=False)
+    _first_slots: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_new(self) -> int:
@@ -93,6 +94,18 @@ class ForwardInfo:
             mask = self._build_mask(window)
         self._masks[window] = mask
         return mask
+
+    def first_visible_slot(self, window: int | None) -> int:
+        """The first key slot that some new token may attend to under a sliding ``window``
+        (0 without one). Every earlier slot lies outside every query's window, so attention
+        can skip it: decoding with a window then costs O(window), not O(context). Memoised."""
+        if window is None or self.start == 0 or self.key_positions is None:
+            return 0
+        if window not in self._first_slots:
+            earliest_query = self.positions.min(dim=1, keepdim=True).values  # [B, 1]
+            reachable = (earliest_query - self.key_positions[:, :self.start] < window).any(0)  # [start]
+            self._first_slots[window] = int(reachable.to(torch.uint8).argmax()) if bool(reachable.any()) else self.start
+        return self._first_slots[window]
 
     def _build_mask(self, window: int | None) -> torch.Tensor:
         n, start = self.num_new, self.start

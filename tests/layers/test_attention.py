@@ -69,3 +69,28 @@ def test_rope_is_a_rotation_relative_in_position():
     torch.testing.assert_close(score(7, 3), score(104, 100))
     cq, sq = rope_cos_sin(torch.tensor([[37]]), inv_freq, torch.float64)
     torch.testing.assert_close(apply_rope(q, cq, sq).norm(), q.norm())
+
+
+def test_sliding_window_decoding_skips_slots_outside_the_window():
+    """Prefill then token-by-token decoding (left-padded batch of two lengths, a window much
+    shorter than the context) equals the full forward, while decoding attends only to the
+    slots inside the window."""
+    torch.manual_seed(0)
+    model = nl.LanguageModel(nl.ModelConfig.from_preset("local-attention-tiny")).double().eval()
+    window = model.config.sliding_window
+    full = torch.randint(0, model.config.vocab_size, (2, 40))
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, :6] = False  # row 1: six left-padding tokens
+    positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = model(full, positions, token_mask=mask).logits
+        cache = model.make_cache(2, 40)
+        model(full[:, :30], positions[:, :30], cache=cache, token_mask=mask[:, :30])
+        firsts = []
+        for t in range(30, 40):
+            info = cache.prepare(positions[:, t:t + 1])
+            firsts.append(info.first_visible_slot(window))
+            cache.pending = 0  # undo the probe's reservation; the model call below reserves again
+            out = model(full[:, t:t + 1], positions[:, t:t + 1], cache=cache)
+            torch.testing.assert_close(out.logits[:, 0], ref[:, t], rtol=1e-10, atol=1e-10)
+    assert firsts == [t - window + 1 for t in range(30, 40)]  # row 0 (no padding) reaches furthest back

@@ -62,6 +62,9 @@ class Attention(RepacksOnConversion, nn.Module):
         if info.plain_causal and self.window is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa)
         mask = info.attention_mask(self.window)
+        first = info.first_visible_slot(self.window)  # slots before it are outside every window
+        if first:
+            k, v, mask = k[:, :, first:], v[:, :, first:], mask[..., first:]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
