@@ -46,6 +46,19 @@ def test_conversion_repacks_and_in_place_updates_reach_the_packed_matrix():
         torch.testing.assert_close(module.packed(x)[1], module.b(x))
 
 
+def test_a_deep_copy_packs_its_own_weights():
+    import copy
+
+    module = Pair()
+    clone = copy.deepcopy(module)
+    with torch.no_grad():
+        clone.a.weight.add_(1.0)  # the copy is independent of the original ...
+        assert clone.packed.usable() and module.packed.usable()  # ... and both keep the fast path
+        x = torch.randn(2, 8)
+        torch.testing.assert_close(clone.packed(x)[0], clone.a(x))
+        torch.testing.assert_close(module.packed(x)[0], module.a(x))
+
+
 def test_a_replaced_weight_makes_the_pack_fall_back_to_the_linears():
     module = Pair()
     module.a.weight = nn.Parameter(torch.randn(12, 8))

@@ -54,6 +54,12 @@ class PackedLinears:
         self.matrix, self.bias = matrix, bias  # [in, sum(out)], [sum(out)] or None
         self._addresses = self._current_addresses()
 
+    def __deepcopy__(self, memo) -> "PackedLinears":
+        """``copy.deepcopy`` clones each Parameter on its own; the copy packs its own clones."""
+        import copy
+
+        return PackedLinears(*copy.deepcopy(self.linears, memo))
+
     def _current_addresses(self) -> list[int]:
         addresses = []
         for lin in self.linears:
