@@ -129,3 +129,30 @@ def test_best_over_learning_rates():
             for lr, acc in [(1e-3, 0.4), (3e-3, 0.9), (1e-2, 0.2)]]
     (row,) = mqar.best_rows(runs)
     assert row["lr"] == 3e-3 and row["accuracy"] == 0.9 and "curve" not in row
+
+
+def test_horizon_fit_ignores_slow_first_steps_and_keeps_refitting():
+    """A run whose first two steps took most of a second (one-off costs) and then 10 ms per
+    step: the fit at step 10 must not end the run early, and later fits extend it."""
+    from types import SimpleNamespace
+
+    from nimblelm.bench.probe_train import HorizonFit
+
+    clock = {"t": 0.0}
+
+    class FakeDeadline:
+        seconds = 2.0
+
+        def elapsed(self):
+            return clock["t"]
+
+    schedule = SimpleNamespace(total_steps=10_000)
+    fit = HorizonFit(FakeDeadline())
+    for step in range(1, 60):
+        clock["t"] = 0.4 * min(step, 2) + 0.01 * max(0, step - 2)
+        fit.update(step, schedule, max_steps=10_000)
+    # 1.2 s left after step 2 at 10 ms per step: ~120 more steps, not 2 s / (0.9 s / 10 steps) = 22
+    assert 115 <= schedule.total_steps <= 125
+    clock["t"] = 0.8 + 0.01 * 78
+    fit.update(80, schedule, max_steps=50)  # the next fit (10, 20, 40, 80, ...): capped, but never below step + 1
+    assert schedule.total_steps == 81

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from ..models.config import ModelConfig
 from ..models.lm import LanguageModel
 from .markov_model import PaperMarkovModel
-from .probe_train import Deadline, make_optimizer, write_json_atomic
+from .probe_train import Deadline, HorizonFit, make_optimizer, write_json_atomic
 from .report import run_and_report
 
 VARIANTS = {  # name -> (num_layers, tie_embeddings, mixer; None = attention)
@@ -130,6 +130,7 @@ def train_markov(run: MarkovRun, opts: dict, progress=None) -> dict:
     optimizer, scheduler, schedule = make_optimizer(model, opts["lr"], opts["weight_decay"], opts["steps"],
                                                     warmup_steps=min(50, opts["steps"] // 10))
     deadline, step = Deadline(opts["time_limit"]), 0
+    horizon = HorizonFit(deadline)
     while step < schedule.total_steps and not deadline.expired():
         loss = next_token_loss(model, sample_chains(opts["batch_size"], opts["seq_len"], run.p, run.q, rng))
         optimizer.zero_grad(set_to_none=True)
@@ -137,9 +138,7 @@ def train_markov(run: MarkovRun, opts: dict, progress=None) -> dict:
         optimizer.step()
         scheduler.step()
         step += 1
-        if step == 10:  # fit the cosine horizon into the time budget
-            per_step = deadline.elapsed() / step * 1.05
-            schedule.total_steps = max(11, min(schedule.total_steps, int(opts["time_limit"] / per_step)))
+        horizon.update(step, schedule, opts["steps"])  # fit the cosine horizon into the time budget
         if progress is not None and step % 50 == 0:
             progress.set_postfix_str(f"{run.variant} p={run.p} q={run.q} seed={run.seed} loss={float(loss.detach()):.4f}")
     model.eval()

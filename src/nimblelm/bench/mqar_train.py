@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..models.config import ModelConfig
 from ..models.lm import LanguageModel
 from .mqar_data import IGNORE, MQARBatch, multiquery_ar
-from .probe_train import Deadline, make_optimizer
+from .probe_train import Deadline, HorizonFit, make_optimizer
 
 
 @dataclass
@@ -104,6 +104,7 @@ def train_one(setting: MQARSetting, lr: float, opts: TrainOptions,
     optimizer, scheduler, schedule = make_optimizer(model, lr, opts.weight_decay, opts.max_steps, opts.warmup_steps)
     generator = torch.Generator().manual_seed(opts.seed)
     deadline = Deadline(opts.time_limit_s)
+    horizon = HorizonFit(deadline)
     best_acc, last_loss, step, stop, curve = 0.0, float("nan"), 0, "max_steps", []
     order = torch.randperm(train.inputs.shape[0], generator=generator)
     cursor = 0
@@ -120,9 +121,7 @@ def train_one(setting: MQARSetting, lr: float, opts: TrainOptions,
         optimizer.step()
         scheduler.step()
         step, last_loss = step + 1, float(loss.detach())
-        if opts.time_limit_s is not None and (step == 10 or step % opts.eval_every == 0):
-            per_step = deadline.elapsed() / step  # fit the cosine horizon into the budget (re-estimated)
-            schedule.total_steps = max(step + 1, min(opts.max_steps, int(opts.time_limit_s / per_step)))
+        horizon.update(step, schedule, opts.max_steps)  # fit the cosine horizon into the budget
         if step % opts.eval_every == 0 or step >= schedule.total_steps:
             acc, test_loss = evaluate(model, test)
             best_acc = max(best_acc, acc)

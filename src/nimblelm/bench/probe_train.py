@@ -50,6 +50,33 @@ class Deadline:
         return self.seconds is not None and self.elapsed() >= self.seconds
 
 
+class HorizonFit:
+    """Fits a cosine schedule's horizon to a wall-clock budget as a run goes.
+
+    ``update(step, schedule, max_steps)`` after every optimizer step: at steps 10, 20, 40, 80,
+    ... it sets ``schedule.total_steps`` to the steps that fit in ``seconds``, timing from
+    step 2 on (the first steps carry one-off costs that made an early estimate end runs at a
+    fraction of their budget). Never below ``step + 1``, never above ``max_steps``."""
+
+    def __init__(self, deadline: Deadline):
+        self.deadline = deadline
+        self.since: tuple[int, float] | None = None  # (step, elapsed) where timing starts
+        self.next_fit = 10
+
+    def update(self, step: int, schedule, max_steps: int) -> None:
+        if self.deadline.seconds is None:
+            return
+        if step == 2:
+            self.since = (step, self.deadline.elapsed())
+        if step < self.next_fit or self.since is None:
+            return
+        self.next_fit *= 2
+        start_step, start_time = self.since
+        per_step = (self.deadline.elapsed() - start_time) / (step - start_step)
+        fitting = start_step + int((self.deadline.seconds - start_time) / max(per_step, 1e-9))
+        schedule.total_steps = max(step + 1, min(max_steps, fitting))
+
+
 def write_json_atomic(path: str, data: dict) -> None:
     """Write ``data`` to ``path`` via a temporary file, so a killed sweep never leaves half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
