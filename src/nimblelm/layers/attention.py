@@ -35,7 +35,8 @@ class Attention(RepacksOnConversion, nn.Module):
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.attention_out_bias)
         self.gate_proj = nn.Linear(hidden, self.num_heads, bias=True) if config.attn_output_gate else None
-        projections = (self.q_proj, self.k_proj, self.v_proj) + ((self.gate_proj,) if self.gate_proj is not None else ())
+        gate = (self.gate_proj,) if self.gate_proj is not None else ()
+        projections = (self.q_proj, self.k_proj, self.v_proj) + gate
         self._input_projections = PackedLinears(*projections)  # one [hidden, q+k+v(+gate)] matmul
 
     def init_state(self, batch: int, max_len: int, device=None, dtype=torch.float32) -> KVState:
