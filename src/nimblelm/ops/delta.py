@@ -100,11 +100,14 @@ def _to_chunks(x: Tensor, pad: int, C: int) -> Tensor:
 def _chunk_terms(q, k, v, beta, g, scale):
     """Everything that does not depend on the carried state, for all chunks at once.
 
-    Inputs in chunk layout: q, k [N,B,H,C,Dk], v [N,B,H,C,Dv], beta, g [N,B,H,C].
+    Inputs in chunk layout: q, k [N,B,H,C,Dk], v [N,B,H,C,Dv], beta, g [N,B,H,C] (g None:
+    no gate, every decay 1, and chunk_decay is returned as None).
     Within a chunk with cumulative log-decay gam_i, the delta-rule corrections
     d_i = beta_i (v_i - a_i S_{i-1}^T k_i) solve (I + A) d = beta V - beta Gamma K S_0
     with A_ij = beta_i (k_i . k_j) exp(gam_i - gam_j) for j < i, so d = u - w S_0.
     """
+    if g is None:
+        return _chunk_terms_ungated(q, k, v, beta, scale)
     C = q.shape[-2]
     gam = g.cumsum(-1)  # [N,B,H,C]
     diff = gam[..., :, None] - gam[..., None, :]  # gam_i - gam_j, [N,B,H,C,C]
@@ -137,16 +140,28 @@ def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | 
     S = _init_state(q, v, initial_state)
     C = max(1, min(chunk_size, T))
     pad = (-T) % C
-    if g is None:
-        g = beta.new_zeros(beta.shape)
     qc, kc, vc = (_to_chunks(x, pad, C) for x in (q, k, v))  # [N,B,H,C,D]
-    bc, gc = (_to_chunks(x.to(q.dtype), pad, C) for x in (beta, g))  # [N,B,H,C]
+    bc = _to_chunks(beta.to(q.dtype), pad, C)  # [N,B,H,C]
+    gc = None if g is None else _to_chunks(g.to(q.dtype), pad, C)  # no gate: no decays to compute
     u, w, attn, q_in, k_out, chunk_decay = _chunk_terms(qc, kc, vc, bc, gc, scale)
     outs = []
     for n in range(u.shape[0]):
         d = u[n] - w[n] @ S  # [B,H,C,Dv]
         outs.append(q_in[n] @ S + attn[n] @ d)  # [B,H,C,Dv]
-        S = chunk_decay[n, ..., None, None] * S + k_out[n].transpose(-1, -2) @ d
+        decayed = S if chunk_decay is None else chunk_decay[n, ..., None, None] * S
+        S = decayed + k_out[n].transpose(-1, -2) @ d
     o = torch.stack(outs, dim=1)  # [B,N,H,C,Dv]
     o = o.transpose(2, 3).reshape(B, -1, H, o.shape[-1])[:, :T]  # [B,T,H,Dv]
     return o, (S if output_final_state else None)
+
+
+def _chunk_terms_ungated(q, k, v, beta, scale):
+    """`_chunk_terms` without a gate (plain DeltaNet): the same solve with every decay 1."""
+    C = q.shape[-2]
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    A = ((beta[..., None] * k) @ k.transpose(-1, -2)).tril(-1)  # [N,B,H,C,C]
+    rhs = torch.cat([beta[..., None] * v, beta[..., None] * k], dim=-1)
+    sol = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
+    u, w = sol.split([v.shape[-1], k.shape[-1]], dim=-1)  # [N,B,H,C,Dv], [N,B,H,C,Dk]
+    attn = ((q * scale) @ k.transpose(-1, -2)).tril()  # [N,B,H,C,C], lower incl. diag
+    return u, w, attn, q * scale, k, None
