@@ -16,7 +16,7 @@ from nimblelm.generation.speculative.drafters.dynamic_tree import (DynamicTreeDr
 
 from ..conftest import build
 from ..layers.test_recurrent_base import toy_model  # registers the toy recurrent mixer too
-from .test_speculative import assert_first_two_tokens_follow_target, assert_round_is_exact, noisy_copy
+from .test_speculative import SAMPLING_CASES, assert_first_two_tokens_follow_target, assert_round_is_exact, noisy_copy
 
 
 class _Request:
@@ -210,11 +210,6 @@ def test_one_round_is_exact_by_enumeration(kwargs):
     cache = target.make_cache(1, 20)
     target(torch.tensor([prompt[:-1]]), cache=cache)
     assert_round_is_exact(target, prompt, tree, cache, config)
-
-
-SAMPLING_CASES = [dict(temperature=0.7, top_k=3),
-                  pytest.param(dict(temperature=1.0), marks=pytest.mark.slow),
-                  pytest.param(dict(temperature=1.2, top_p=0.8), marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("kwargs", SAMPLING_CASES)

@@ -19,6 +19,8 @@ back to the separate linears, so results never go stale; ``pack()`` re-establish
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -56,8 +58,6 @@ class PackedLinears:
 
     def __deepcopy__(self, memo) -> "PackedLinears":
         """``copy.deepcopy`` clones each Parameter on its own; the copy packs its own clones."""
-        import copy
-
         return PackedLinears(*copy.deepcopy(self.linears, memo))
 
     def _current_addresses(self) -> list[int]:

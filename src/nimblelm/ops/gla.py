@@ -254,11 +254,11 @@ def _carry_states(S0: Tensor, U: Tensor, decay: Tensor | None) -> tuple[Tensor, 
 def _intra_scores(q: Tensor, k: Tensor, b: Tensor | None, sub: int) -> Tensor:
     """Decayed causal scores inside each chunk, A[t, s] = sum_d q_t k_s exp(b_t - b_s), s <= t.
     q, k [B,H,N,C,Dk]; b [B,H,N,C,1|Dk] cumulative log-decay or None. Returns [B,H,N,C,C]."""
+    if b is not None:
+        return _intra_scores_per_dim(q, k, b, sub)  # scalar decay (b [..., 1]) broadcasts over Dk
     C = q.shape[-2]
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    if b is None:
-        return (q @ k.transpose(-1, -2)) * causal.to(q.dtype)
-    return _intra_scores_per_dim(q, k, b, sub)  # scalar decay (b [..., 1]) broadcasts over Dk
+    return (q @ k.transpose(-1, -2)) * causal.to(q.dtype)
 
 
 # a chunk whose cumulative log-decay spans at most _SAFE_RANGE (in every key dim) is scored

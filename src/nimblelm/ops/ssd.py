@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .gla import naive_gla
+
 _SAFE_SPAN = 80.0  # widest in-chunk log-decay span scored with the factored form
 _CLAMP = 44.0
 
@@ -124,8 +126,6 @@ def naive_ssd(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, initial_
               output_final_state: bool = False) -> tuple[Tensor, Tensor | None]:
     """The oracle: :func:`nimblelm.ops.gla.naive_gla` (a loop over time) on the equivalent
     gated-linear-attention inputs, B and C repeated for every head of their group."""
-    from .gla import naive_gla
-
     _check(x, dt, A, Bm, Cm, initial_state)
     per_group = x.shape[2] // Bm.shape[2]
     q = Cm.repeat_interleave(per_group, dim=2)  # [B,T,H,N]
