@@ -37,7 +37,7 @@ from ..layers.mamba import Mamba
 from ..layers.mamba2 import Mamba2
 from ..layers.rglru import RGLRUBlock
 from ..layers.short_conv import ShortConv
-from ..ops import delta, gla, scan, short_conv, ssd
+from ..ops import delta, gla, native_scan, scan, short_conv, ssd
 
 GLA_FORMULA = "B*H*ceil(T/C)*(2*C^2*(Dk+Dv) + 4*C*Dk*Dv)"
 DELTA_FORMULA = "B*H*ceil(T/C)*(C^2*(5*Dk+3*Dv) + 6*C*Dk*Dv)"
@@ -110,11 +110,18 @@ def _conv_inputs(layer, x, positions) -> dict:
     return dict(x=x, weight=layer.conv_weight, bias=layer.conv_bias)
 
 
+def _fast_selective_scan() -> Callable:
+    """The selective scan Mamba layers run: the native kernel when built, else the chunked form."""
+    if native_scan.native_selective_scan_available():
+        return native_scan.native_selective_scan
+    return scan.chunk_selective_scan
+
+
 # class -> (family, inputs builder, fast op, naive op, keyword arguments of the fast op only)
 _FAMILIES: list[tuple[type, str, Callable, Callable, Callable, Callable[[Any], dict]]] = [
     (LinearAttentionMixer, "gla", _gla_inputs, gla.chunk_gla, gla.naive_gla, lambda l: {"chunk_size": l.chunk_size}),
     (Mamba2, "ssd", _ssd_inputs, ssd.chunk_ssd, ssd.naive_ssd, lambda l: {"chunk_size": l.chunk_size}),
-    (Mamba, "selective_scan", _scan_inputs, scan.chunk_selective_scan, scan.naive_selective_scan,
+    (Mamba, "selective_scan", _scan_inputs, _fast_selective_scan(), scan.naive_selective_scan,
      lambda l: {"chunk_size": l.chunk_size}),
     (RGLRUBlock, "linear_recurrence", _rglru_inputs, scan.scan_linear_recurrence, scan.naive_linear_recurrence,
      lambda l: {"chunk_size": l.chunk_size}),

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.config import ModelConfig
-from ..ops.scan import chunk_selective_scan, step_selective_scan
+from ..ops.native_scan import selective_scan
+from ..ops.scan import step_selective_scan
 from ..ops.short_conv import causal_conv1d, step_causal_conv1d
 from .recurrent import RecurrentMixer
 from .registry import register_mixer
@@ -63,8 +64,8 @@ class Mamba(RecurrentMixer):
         u, z = self.in_proj(x).chunk(2, dim=-1)  # [B, T, d_inner] each
         u, conv = causal_conv1d(u, self.conv_weight, self.conv_bias, "silu",
                                 initial_state=None if state is None else state["conv"], output_final_state=True)
-        y, ssm = chunk_selective_scan(**self._scan_inputs(u, z), initial_state=None if state is None else state["ssm"],
-                                      output_final_state=True, chunk_size=self.chunk_size)
+        y, ssm = selective_scan(**self._scan_inputs(u, z), initial_state=None if state is None else state["ssm"],
+                                output_final_state=True, chunk_size=self.chunk_size)
         return self.out_proj(y), {"conv": conv, "ssm": ssm}
 
     def step(self, x: torch.Tensor, state: dict, positions=None):

@@ -1,0 +1,153 @@
+"""Mamba's selective scan (S6) through the native C kernel, with its own backward.
+
+:func:`selective_scan` is what layers call: the native kernel for float32 / float64 CPU
+tensors when it could be built (:mod:`nimblelm.native`), otherwise
+:func:`~nimblelm.ops.scan.chunk_selective_scan`; both have the contract of
+:func:`~nimblelm.ops.scan.naive_selective_scan`, the oracle the tests hold them to.
+
+The kernel runs the recurrence sequentially in time with the state of a block of channels held
+in L1 cache, one pass over the inputs instead of PyTorch's many elementwise passes. The
+forward keeps the state entering every ``_CHECKPOINT`` steps; the backward recomputes each
+stretch from there and walks time backwards (no [T, Dch, N] activations are stored). Channels
+are split across ``torch.get_num_threads()`` threads (ctypes releases the GIL).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from ..native import load_library
+from .scan import _check_selective, _skip_and_gate, chunk_selective_scan
+
+_CHECKPOINT = 32  # steps between stored states; the backward's recompute buffer is (32+1) x N x 64
+_BLOCK = 64  # channels per kernel block (BLOCK in scan_kernels.c); thread splits align to it
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_pool: ThreadPoolExecutor | None = None
+
+
+def _library():
+    lib = load_library("scan_kernels")
+    if lib is not None and not getattr(lib, "_nimblelm_typed", False):
+        for sfx in _SUFFIX.values():
+            for name in (f"nl_s6_forward_{sfx}", f"nl_s6_backward_{sfx}"):
+                getattr(lib, name).restype = ctypes.c_int
+        lib._nimblelm_typed = True
+    return lib
+
+
+def native_selective_scan_available(dtype: torch.dtype = torch.float32) -> bool:
+    """True when the native kernel is built and handles ``dtype``."""
+    return dtype in _SUFFIX and _library() is not None
+
+
+def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+
+
+def _channel_ranges(Dch: int) -> list[tuple[int, int]]:
+    """Split channels into at most ``torch.get_num_threads()`` ranges aligned to _BLOCK."""
+    blocks = -(-Dch // _BLOCK)
+    parts = max(1, min(torch.get_num_threads(), blocks))
+    cuts = [Dch if i == parts else min(Dch, (blocks * i // parts) * _BLOCK) for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def _run(kernel, make_args, ranges: list[tuple[int, int]]) -> None:
+    """Call ``kernel(*make_args(i), d0, d1)`` for every channel range i, in parallel when several."""
+    global _pool
+
+    def call(i: int) -> int:
+        d0, d1 = ranges[i]
+        return kernel(*make_args(i), ctypes.c_int64(d0), ctypes.c_int64(d1))
+
+    if len(ranges) == 1:
+        codes = [call(0)]
+    else:
+        if _pool is None or _pool._max_workers < len(ranges):
+            _pool = ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="nimblelm-scan")
+        codes = list(_pool.map(call, range(len(ranges))))
+    if any(codes):
+        raise MemoryError("native selective scan: the kernel could not allocate its work buffers")
+
+
+def _sizes(Bsz: int, T: int, Dch: int, N: int) -> list[ctypes.c_int64]:
+    return [ctypes.c_int64(v) for v in (Bsz, T, Dch, N, _CHECKPOINT)]
+
+
+class _NativeSelectiveScan(torch.autograd.Function):
+    """(u, delta, A, Bmat, Cmat, initial_state or None) -> (y [B, T, Dch], final state [B, Dch, N])."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, Bmat, Cmat, initial_state):
+        Bsz, T, Dch = u.shape
+        N = A.shape[1]
+        u, delta, Bmat, Cmat = (t.contiguous() for t in (u, delta, Bmat, Cmat))
+        At = A.t().contiguous()  # [N, Dch]
+        h0 = (initial_state.transpose(1, 2).contiguous() if initial_state is not None
+              else u.new_zeros(Bsz, N, Dch))  # [B, N, Dch]
+        n_checkpoints = -(-T // _CHECKPOINT)
+        y = torch.empty_like(u)
+        hs = u.new_empty(Bsz, n_checkpoints + 1, N, Dch)
+        lib = _library()
+        kernel = getattr(lib, f"nl_s6_forward_{_SUFFIX[u.dtype]}")
+        args = [_ptr(t) for t in (u, delta, At, Bmat, Cmat, h0, y, hs)] + _sizes(Bsz, T, Dch, N)
+        _run(kernel, lambda i: args, _channel_ranges(Dch))
+        ctx.save_for_backward(u, delta, At, Bmat, Cmat, hs)
+        ctx.has_initial_state = initial_state is not None
+        return y, hs[:, -1].transpose(1, 2).contiguous()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, grad_final):
+        u, delta, At, Bmat, Cmat, hs = ctx.saved_tensors
+        Bsz, T, Dch = u.shape
+        N = At.shape[0]
+        grad_y = grad_y.contiguous() if grad_y is not None else torch.zeros_like(u)
+        g_final = grad_final.transpose(1, 2).contiguous() if grad_final is not None else None
+        ranges = _channel_ranges(Dch)
+        gu, g_delta = torch.empty_like(u), torch.empty_like(u)
+        gA = u.new_empty(Bsz, N, Dch)
+        g_h0 = u.new_empty(Bsz, N, Dch)
+        gB = u.new_zeros(len(ranges), Bsz, T, N)  # per-range partial sums over channels
+        gC = u.new_zeros(len(ranges), Bsz, T, N)
+        lib = _library()
+        kernel = getattr(lib, f"nl_s6_backward_{_SUFFIX[u.dtype]}")
+        shared = [_ptr(t) for t in (u, delta, At, Bmat, Cmat, hs, grad_y, g_final, gu, g_delta, gA)]
+        sizes = _sizes(Bsz, T, Dch, N)
+        _run(kernel, lambda i: shared + [_ptr(gB[i]), _ptr(gC[i]), _ptr(g_h0)] + sizes, ranges)
+        g_init = g_h0.transpose(1, 2) if ctx.has_initial_state else None
+        return gu, g_delta, gA.sum(0).t(), gB.sum(0), gC.sum(0), g_init
+
+
+def native_selective_scan(u, delta, A, Bmat, Cmat, D=None, z=None, initial_state=None, output_final_state=False,
+                          chunk_size=None):
+    """Selective scan through the native kernel; contract of :func:`naive_selective_scan`.
+
+    u, delta, z: [B, T, Dch]; A: [Dch, N]; Bmat, Cmat: [B, T, N]; D: [Dch];
+    initial_state: [B, Dch, N]; ``chunk_size`` is accepted for the chunked form's signature and
+    unused. Raises RuntimeError when the kernel is unavailable for ``u.dtype`` (use
+    :func:`selective_scan` to fall back automatically).
+    """
+    _check_selective(u, delta, A, Bmat, Cmat, initial_state)
+    if u.device.type != "cpu" or not native_selective_scan_available(u.dtype):
+        raise RuntimeError(f"the native selective scan needs float32/float64 CPU tensors and a C compiler "
+                           f"(got {u.dtype} on {u.device}); use nimblelm.ops.native_scan.selective_scan")
+    tensors = [t for t in (u, delta, A, Bmat, Cmat, initial_state) if t is not None]
+    if any(t.dtype != u.dtype for t in tensors):
+        raise ValueError(f"selective scan inputs must share one dtype; got {sorted({str(t.dtype) for t in tensors})}")
+    if u.shape[1] == 0:
+        return chunk_selective_scan(u, delta, A, Bmat, Cmat, D, z, initial_state, output_final_state)
+    y, final = _NativeSelectiveScan.apply(u, delta, A, Bmat, Cmat, initial_state)
+    return _skip_and_gate(y, u, D, z), (final if output_final_state else None)
+
+
+def selective_scan(u, delta, A, Bmat, Cmat, D=None, z=None, initial_state=None, output_final_state=False,
+                   chunk_size=64):
+    """Fastest available selective scan: native kernel on CPU when built, else the chunked form."""
+    if (u.device.type == "cpu" and native_selective_scan_available(u.dtype)
+            and all(t is None or t.dtype == u.dtype for t in (delta, A, Bmat, Cmat, initial_state))):
+        return native_selective_scan(u, delta, A, Bmat, Cmat, D, z, initial_state, output_final_state)
+    return chunk_selective_scan(u, delta, A, Bmat, Cmat, D, z, initial_state, output_final_state, chunk_size)

@@ -1,0 +1,143 @@
+"""The native selective-scan kernel against the naive loop (its oracle), and the build machinery."""
+
+import ctypes
+import math
+import warnings
+
+import pytest
+import torch
+
+from nimblelm.native import build
+from nimblelm.ops import native_scan
+from nimblelm.ops.native_scan import native_selective_scan, selective_scan
+from nimblelm.ops.scan import chunk_selective_scan, naive_selective_scan
+
+from .test_scan import DTYPES, assert_close, outputs_and_grads, selective_inputs
+
+if build._compiler() is None or not build.native_enabled():
+    pytest.skip("no C compiler (or NIMBLELM_NATIVE=0): the native kernels are not built", allow_module_level=True)
+
+
+def test_kernel_builds_on_a_machine_with_a_compiler():
+    assert native_scan.native_selective_scan_available(torch.float32)
+    assert native_scan.native_selective_scan_available(torch.float64)
+    assert not native_scan.native_selective_scan_available(torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 50, 6, 4), (1, 77, 150, 16), (3, 1, 70, 5), (1, 64, 128, 3)])
+def test_native_matches_naive(dtype, threads, shape):
+    """Outputs, final state and every gradient; channel counts off the 64-block and split across threads."""
+    B, T, Dch, N = shape
+    inputs = selective_inputs(B=B, T=T, Dch=Dch, N=N, dtype=dtype)
+    cot = [torch.randn(B, T, Dch, dtype=dtype), torch.randn(B, Dch, N, dtype=dtype)]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = outputs_and_grads(lambda **a: native_selective_scan(**a, output_final_state=True), inputs, cot)
+    finally:
+        torch.set_num_threads(old)
+    want = outputs_and_grads(lambda **a: naive_selective_scan(**a, output_final_state=True), inputs, cot)
+    for g, w in zip(got, want):
+        assert_close(g, w, dtype)
+
+
+def test_native_gradcheck():
+    inputs = selective_inputs(B=1, T=9, Dch=3, N=2)
+    keys = ["u", "delta", "A", "Bmat", "Cmat", "initial_state"]
+    leaves = [inputs[k].clone().requires_grad_(True) for k in keys]
+
+    def fn(*args):
+        return native_selective_scan(**dict(zip(keys, args)), output_final_state=True)
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_native_without_initial_state_or_final_state_gradient():
+    inputs = selective_inputs(T=40, skip_gate=False, init=False)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    y, state = native_selective_scan(**leaves)
+    assert state is None
+    y.square().sum().backward()
+    ref = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    naive_selective_scan(**ref)[0].square().sum().backward()
+    for k in inputs:
+        torch.testing.assert_close(leaves[k].grad, ref[k].grad, atol=1e-10, rtol=1e-10)
+
+
+def test_native_extreme_gates_long():
+    """T = 8192 in fp32 with decay ~0 (delta * A = -1000) and ~1 (delta * A = -1e-6): finite, as chunked."""
+    B, T, Dch, N = 1, 8192, 3, 4
+    g = torch.Generator().manual_seed(0)
+    delta = torch.ones(B, T, Dch)
+    A = -torch.ones(Dch, N)
+    A[0], A[1], A[2] = 1000.0 * A[0], 1e-6 * A[1], 0.5 * A[2]
+    args = dict(u=torch.randn(B, T, Dch, generator=g), delta=delta, A=A, Bmat=torch.randn(B, T, N, generator=g),
+                Cmat=torch.randn(B, T, N, generator=g), output_final_state=True)
+    y, state = native_selective_scan(**args)
+    assert torch.isfinite(y).all() and torch.isfinite(state).all()
+    y_ref, state_ref = chunk_selective_scan(**args)
+    assert_close(y, y_ref, torch.float32)
+    assert_close(state, state_ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 2e-7), (torch.float64, 5e-16)])
+def test_kernel_exponential(dtype, rtol):
+    """The kernel's own exp: within a few ulp on [-700, 0]; exactly 0 below the underflow threshold."""
+    lib = build.load_library("scan_kernels")
+    ctype = ctypes.c_float if dtype == torch.float32 else ctypes.c_double
+    fn = getattr(lib, "nl_exp_" + ("f32" if dtype == torch.float32 else "f64"))
+    fn.restype, fn.argtypes = ctype, [ctype]
+    lo = -80.0 if dtype == torch.float32 else -700.0
+    xs = torch.linspace(lo, 0.0, 2001, dtype=dtype).tolist() + [-1e-7, -0.3465, 0.3465]
+    for x in xs:
+        assert math.isclose(fn(x), math.exp(x), rel_tol=rtol), x
+    assert fn(-1e4) == 0.0 and fn(-math.inf) == 0.0
+
+
+def test_selective_scan_falls_back_without_the_kernel(monkeypatch):
+    inputs = selective_inputs(T=30)
+    want = naive_selective_scan(**inputs, output_final_state=True)
+    monkeypatch.setattr(native_scan, "_library", lambda: None)
+    got = selective_scan(**inputs, output_final_state=True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+    with pytest.raises(RuntimeError, match="native selective scan needs"):
+        native_selective_scan(**inputs)
+
+
+def test_selective_scan_mixed_dtypes_use_the_chunked_form():
+    inputs = selective_inputs(T=12, dtype=torch.float32)
+    inputs["A"] = inputs["A"].double()
+    with pytest.raises(ValueError, match="share one dtype"):
+        native_selective_scan(**inputs)
+
+
+def test_empty_sequence_returns_the_initial_state():
+    inputs = selective_inputs(T=0)
+    y, state = native_selective_scan(**inputs, output_final_state=True)
+    assert y.shape == (2, 0, 6)
+    torch.testing.assert_close(state, inputs["initial_state"])
+
+
+def test_build_cache_and_failure(tmp_path, monkeypatch):
+    """A fresh cache builds the library once; a broken compiler warns and returns None."""
+    monkeypatch.setenv("NIMBLELM_CACHE", str(tmp_path / "cache"))
+    build.load_library.cache_clear()
+    try:
+        assert build.load_library("scan_kernels") is not None
+        built = list((tmp_path / "cache" / "native").glob("scan_kernels-*.so"))
+        assert len(built) == 1 and not list((tmp_path / "cache" / "native").glob("*.tmp.so"))
+        build.load_library.cache_clear()
+        monkeypatch.setenv("NIMBLELM_CACHE", str(tmp_path / "cache2"))
+        monkeypatch.setenv("NIMBLELM_CC", "false")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert build.load_library("scan_kernels") is None
+        assert any("could not build the native kernels" in str(w.message) for w in caught)
+        build.load_library.cache_clear()
+        monkeypatch.setenv("NIMBLELM_NATIVE", "0")
+        assert build.load_library("scan_kernels") is None
+    finally:
+        build.load_library.cache_clear()
