@@ -1,4 +1,4 @@
-"""The native selective-scan kernel against the naive loop (its oracle), and the build machinery."""
+"""The native scan kernels (S6, RG-LRU recurrence) against the naive loops (their oracles), and the build."""
 
 import ctypes
 import math
@@ -9,19 +9,19 @@ import torch
 
 from nimblelm.native import build
 from nimblelm.ops import native_scan
-from nimblelm.ops.native_scan import native_selective_scan, selective_scan
-from nimblelm.ops.scan import chunk_selective_scan, naive_selective_scan
+from nimblelm.ops.native_scan import linear_recurrence, native_linear_recurrence, native_selective_scan, selective_scan
+from nimblelm.ops.scan import chunk_selective_scan, naive_linear_recurrence, naive_selective_scan
 
-from .test_scan import DTYPES, assert_close, outputs_and_grads, selective_inputs
+from .test_scan import DTYPES, assert_close, outputs_and_grads, recurrence_inputs, selective_inputs
 
 if build._compiler() is None or not build.native_enabled():
     pytest.skip("no C compiler (or NIMBLELM_NATIVE=0): the native kernels are not built", allow_module_level=True)
 
 
 def test_kernel_builds_on_a_machine_with_a_compiler():
-    assert native_scan.native_selective_scan_available(torch.float32)
-    assert native_scan.native_selective_scan_available(torch.float64)
-    assert not native_scan.native_selective_scan_available(torch.bfloat16)
+    assert native_scan.native_scan_available(torch.float32)
+    assert native_scan.native_scan_available(torch.float64)
+    assert not native_scan.native_scan_available(torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -119,6 +119,66 @@ def test_empty_sequence_returns_the_initial_state():
     y, state = native_selective_scan(**inputs, output_final_state=True)
     assert y.shape == (2, 0, 6)
     torch.testing.assert_close(state, inputs["initial_state"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 50, 6), (1, 33, 150), (3, 1, 70)])
+def test_native_recurrence_matches_naive(dtype, threads, shape):
+    B, T, Dch = shape
+    inputs = recurrence_inputs(B=B, T=T, Dch=Dch, dtype=dtype)
+    inputs["log_a"][:, T // 2] = float("-inf")  # a hard reset in the middle
+    cot = [torch.randn(B, T, Dch, dtype=dtype), torch.randn(B, Dch, dtype=dtype)]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = outputs_and_grads(lambda **a: native_linear_recurrence(**a, output_final_state=True), inputs, cot)
+    finally:
+        torch.set_num_threads(old)
+    want = outputs_and_grads(lambda **a: naive_linear_recurrence(**a, output_final_state=True), inputs, cot)
+    for g, w in zip(got, want):
+        assert_close(g, w, dtype)
+
+
+def test_native_recurrence_gradcheck_and_optional_arguments():
+    inputs = recurrence_inputs(B=1, T=7, Dch=2)
+    args = tuple(v.clone().requires_grad_(True) for v in inputs.values())
+    assert torch.autograd.gradcheck(lambda x, la, h0: native_linear_recurrence(x, la, h0, True), args)
+    no_init = recurrence_inputs(T=20, init=False)
+    h, state = native_linear_recurrence(**no_init)
+    assert state is None
+    torch.testing.assert_close(h, naive_linear_recurrence(**no_init)[0], atol=1e-12, rtol=1e-12)
+    empty = recurrence_inputs(T=0)
+    h, state = native_linear_recurrence(**empty, output_final_state=True)
+    assert h.shape == (2, 0, 6)
+    torch.testing.assert_close(state, empty["initial_state"])
+
+
+def test_native_recurrence_extreme_gates_long():
+    """T = 8192 in fp32: decays ~0 and ~1, log_a over 10 decades, 1% resets; finite values and grads."""
+    B, T, Dch = 2, 8192, 8
+    log_a = -torch.exp(torch.empty(B, T, Dch).uniform_(-18.0, 5.0))
+    log_a[..., 4:][torch.rand(B, T, 4) < 0.01] = float("-inf")
+    log_a[..., :2], log_a[..., 2:4] = -80.0, -1e-7
+    x, h0 = torch.randn(B, T, Dch), torch.randn(B, Dch)
+    leaves = [v.clone().requires_grad_(True) for v in (x, log_a, h0)]
+    h, state = native_linear_recurrence(*leaves, output_final_state=True)
+    (h.sum() + state.sum()).backward()
+    assert all(torch.isfinite(v.grad).all() for v in leaves)
+    h_ref, state_ref = naive_linear_recurrence(x, log_a, h0, output_final_state=True)
+    for channel in range(Dch):
+        assert_close(h.detach()[..., channel], h_ref[..., channel], torch.float32)
+        assert_close(state.detach()[:, channel], state_ref[:, channel], torch.float32)
+
+
+def test_linear_recurrence_falls_back_without_the_kernel(monkeypatch):
+    inputs = recurrence_inputs(T=30)
+    want = naive_linear_recurrence(**inputs, output_final_state=True)
+    monkeypatch.setattr(native_scan, "_library", lambda: None)
+    for g, w in zip(linear_recurrence(**inputs, output_final_state=True), want):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+    with pytest.raises(RuntimeError, match="native linear recurrence needs"):
+        native_linear_recurrence(**inputs)
 
 
 def test_build_cache_and_failure(tmp_path, monkeypatch):

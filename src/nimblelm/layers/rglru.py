@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.config import ModelConfig
-from ..ops.scan import rglru_gates, scan_linear_recurrence, step_linear_recurrence
+from ..ops.native_scan import linear_recurrence
+from ..ops.scan import rglru_gates, step_linear_recurrence
 from ..ops.short_conv import causal_conv1d, step_causal_conv1d
 from .recurrent import RecurrentMixer
 from .registry import register_mixer
@@ -73,8 +74,8 @@ class RGLRUBlock(RecurrentMixer):
         u, conv = causal_conv1d(self.linear_x(x), self.conv_weight, self.conv_bias, None,
                                 initial_state=None if state is None else state["conv"], output_final_state=True)
         normalized, log_a = self._gates(u, positions)
-        h, last = scan_linear_recurrence(normalized, log_a, initial_state=None if state is None else state["h"],
-                                         output_final_state=True, chunk_size=self.chunk_size)
+        h, last = linear_recurrence(normalized, log_a, initial_state=None if state is None else state["h"],
+                                    output_final_state=True, chunk_size=self.chunk_size)
         return self.linear_out(h * y), {"conv": conv, "h": last}
 
     def step(self, x: torch.Tensor, state: dict, positions=None):

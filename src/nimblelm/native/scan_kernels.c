@@ -13,7 +13,10 @@
  * the loops vectorise without fast-math and without libmvec (built with -fno-trapping-math,
  * which lets gcc turn the clamps into blends).
  *
- * Layouts (all contiguous, row-major): u, delta, y, gu, gdelta [Bsz, T, D]; At, gA [N, D]
+ * The RG-LRU recurrence h_t = exp(log_a_t) * h_{t-1} + x_t (per channel, read out as h_t) has
+ * its own pair of kernels, `nl_lr_forward` / `nl_lr_backward`, below.
+ *
+ * Layouts of the S6 kernels (all contiguous, row-major): u, delta, y, gu, gdelta [Bsz, T, D]; At, gA [N, D]
  * (gA per batch row: [Bsz, N, D]); Bm, Cm [Bsz, T, N]; h0, g_final, g_h0 [Bsz, N, D];
  * hs [Bsz, nchunks + 1, N, D]; gB, gC [Bsz, T, N] (partial sums over this call's channels).
  */
@@ -203,5 +206,53 @@ int nl_s6_backward_##SFX(const REAL *u, const REAL *dl, const REAL *At, const RE
     return 0;                                                                                     \
 }
 
+
+#define DEFINE_RECURRENCE_KERNELS(REAL, SFX, EXP)                                                 \
+                                                                                                  \
+/* h_t = exp(log_a_t) * h_{t-1} + x_t for channels [d0, d1); x, la, y [Bsz, T, D]; h0 [Bsz, D].  \
+ * The outputs are the states, so y[t - 1] is the previous state (no extra buffer). */           \
+int nl_lr_forward_##SFX(const REAL *x, const REAL *la, const REAL *h0, REAL *y,                   \
+                        int64_t Bsz, int64_t T, int64_t D, int64_t d0, int64_t d1) {              \
+    for (int64_t b = 0; b < Bsz; ++b) {                                                           \
+        for (int64_t t = 0; t < T; ++t) {                                                         \
+            const int64_t o = (b * T + t) * D;                                                    \
+            const REAL *restrict hp = t ? y + o - D : h0 + b * D;                                 \
+            REAL *restrict yt = y + o;                                                            \
+            const REAL *restrict xt = x + o, *restrict lt = la + o;                               \
+            _Pragma("omp simd")                                                                   \
+            for (int64_t j = d0; j < d1; ++j) yt[j] = EXP(lt[j]) * hp[j] + xt[j];                 \
+        }                                                                                         \
+    }                                                                                             \
+    return 0;                                                                                     \
+}                                                                                                 \
+                                                                                                  \
+/* Backward for channels [d0, d1): gy [Bsz, T, D]; g_final [Bsz, D] or NULL. Writes gx, g_la     \
+ * [Bsz, T, D] and g_h0 [Bsz, D] for those channels. */                                          \
+int nl_lr_backward_##SFX(const REAL *la, const REAL *h0, const REAL *y, const REAL *gy,           \
+                         const REAL *g_final, REAL *gx, REAL *g_la, REAL *g_h0,                   \
+                         int64_t Bsz, int64_t T, int64_t D, int64_t d0, int64_t d1) {             \
+    for (int64_t b = 0; b < Bsz; ++b) {                                                           \
+        REAL *restrict gh = g_h0 + b * D;                                                         \
+        for (int64_t j = d0; j < d1; ++j) gh[j] = g_final ? g_final[b * D + j] : 0;               \
+        for (int64_t t = T - 1; t >= 0; --t) {                                                    \
+            const int64_t o = (b * T + t) * D;                                                    \
+            const REAL *restrict hp = t ? y + o - D : h0 + b * D;                                 \
+            const REAL *restrict lt = la + o, *restrict gyt = gy + o;                             \
+            REAL *restrict gxt = gx + o, *restrict glt = g_la + o;                                \
+            _Pragma("omp simd")                                                                   \
+            for (int64_t j = d0; j < d1; ++j) {                                                   \
+                const REAL a = EXP(lt[j]);                                                        \
+                const REAL g = gyt[j] + gh[j];                                                    \
+                gxt[j] = g;                                                                       \
+                glt[j] = g * hp[j] * a;                                                           \
+                gh[j] = g * a;                                                                    \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+    return 0;                                                                                     \
+}
+
 DEFINE_SCAN_KERNELS(float, f32, exp_nonpos_f32)
 DEFINE_SCAN_KERNELS(double, f64, exp_nonpos_f64)
+DEFINE_RECURRENCE_KERNELS(float, f32, exp_nonpos_f32)
+DEFINE_RECURRENCE_KERNELS(double, f64, exp_nonpos_f64)

@@ -1,15 +1,17 @@
-"""Mamba's selective scan (S6) through the native C kernel, with its own backward.
+"""Mamba's selective scan (S6) and the RG-LRU recurrence through native C kernels, with backward.
 
-:func:`selective_scan` is what layers call: the native kernel for float32 / float64 CPU
-tensors when it could be built (:mod:`nimblelm.native`), otherwise
-:func:`~nimblelm.ops.scan.chunk_selective_scan`; both have the contract of
-:func:`~nimblelm.ops.scan.naive_selective_scan`, the oracle the tests hold them to.
+:func:`selective_scan` and :func:`linear_recurrence` are what layers call: the native kernel
+for float32 / float64 CPU tensors when it could be built (:mod:`nimblelm.native`), otherwise
+the chunked PyTorch forms of :mod:`nimblelm.ops.scan`; all have the contracts of the naive
+loops there (``naive_selective_scan``, ``naive_linear_recurrence``), the oracles the tests hold
+them to.
 
 The kernel runs the recurrence sequentially in time with the state of a block of channels held
 in L1 cache, one pass over the inputs instead of PyTorch's many elementwise passes. The
 forward keeps the state entering every ``_CHECKPOINT`` steps; the backward recomputes each
 stretch from there and walks time backwards (no [T, Dch, N] activations are stored). Channels
-are split across ``torch.get_num_threads()`` threads (ctypes releases the GIL).
+are split across ``torch.get_num_threads()`` threads (ctypes releases the GIL). The RG-LRU
+recurrence's states are its outputs, so its backward needs no checkpoints.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..native import load_library
-from .scan import _check_selective, _skip_and_gate, chunk_selective_scan
+from .scan import _check_recurrence, _check_selective, _skip_and_gate, chunk_selective_scan, scan_linear_recurrence
 
 _CHECKPOINT = 32  # steps between stored states; the backward's recompute buffer is (32+1) x N x 64
 _BLOCK = 64  # channels per kernel block (BLOCK in scan_kernels.c); thread splits align to it
@@ -32,14 +34,15 @@ def _library():
     lib = load_library("scan_kernels")
     if lib is not None and not getattr(lib, "_nimblelm_typed", False):
         for sfx in _SUFFIX.values():
-            for name in (f"nl_s6_forward_{sfx}", f"nl_s6_backward_{sfx}"):
+            for name in (f"nl_s6_forward_{sfx}", f"nl_s6_backward_{sfx}", f"nl_lr_forward_{sfx}",
+                         f"nl_lr_backward_{sfx}"):
                 getattr(lib, name).restype = ctypes.c_int
         lib._nimblelm_typed = True
     return lib
 
 
-def native_selective_scan_available(dtype: torch.dtype = torch.float32) -> bool:
-    """True when the native kernel is built and handles ``dtype``."""
+def native_scan_available(dtype: torch.dtype = torch.float32) -> bool:
+    """True when the native kernels are built and handle ``dtype``."""
     return dtype in _SUFFIX and _library() is not None
 
 
@@ -70,11 +73,11 @@ def _run(kernel, make_args, ranges: list[tuple[int, int]]) -> None:
             _pool = ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="nimblelm-scan")
         codes = list(_pool.map(call, range(len(ranges))))
     if any(codes):
-        raise MemoryError("native selective scan: the kernel could not allocate its work buffers")
+        raise MemoryError("native scan: the kernel could not allocate its work buffers")
 
 
-def _sizes(Bsz: int, T: int, Dch: int, N: int) -> list[ctypes.c_int64]:
-    return [ctypes.c_int64(v) for v in (Bsz, T, Dch, N, _CHECKPOINT)]
+def _sizes(*sizes: int) -> list[ctypes.c_int64]:
+    return [ctypes.c_int64(v) for v in sizes]
 
 
 class _NativeSelectiveScan(torch.autograd.Function):
@@ -93,7 +96,7 @@ class _NativeSelectiveScan(torch.autograd.Function):
         hs = u.new_empty(Bsz, n_checkpoints + 1, N, Dch)
         lib = _library()
         kernel = getattr(lib, f"nl_s6_forward_{_SUFFIX[u.dtype]}")
-        args = [_ptr(t) for t in (u, delta, At, Bmat, Cmat, h0, y, hs)] + _sizes(Bsz, T, Dch, N)
+        args = [_ptr(t) for t in (u, delta, At, Bmat, Cmat, h0, y, hs)] + _sizes(Bsz, T, Dch, N, _CHECKPOINT)
         _run(kernel, lambda i: args, _channel_ranges(Dch))
         ctx.save_for_backward(u, delta, At, Bmat, Cmat, hs)
         ctx.has_initial_state = initial_state is not None
@@ -116,7 +119,7 @@ class _NativeSelectiveScan(torch.autograd.Function):
         lib = _library()
         kernel = getattr(lib, f"nl_s6_backward_{_SUFFIX[u.dtype]}")
         shared = [_ptr(t) for t in (u, delta, At, Bmat, Cmat, hs, grad_y, g_final, gu, g_delta, gA)]
-        sizes = _sizes(Bsz, T, Dch, N)
+        sizes = _sizes(Bsz, T, Dch, N, _CHECKPOINT)
         _run(kernel, lambda i: shared + [_ptr(gB[i]), _ptr(gC[i]), _ptr(g_h0)] + sizes, ranges)
         g_init = g_h0.transpose(1, 2) if ctx.has_initial_state else None
         return gu, g_delta, gA.sum(0).t(), gB.sum(0), gC.sum(0), g_init
@@ -132,7 +135,7 @@ def native_selective_scan(u, delta, A, Bmat, Cmat, D=None, z=None, initial_state
     :func:`selective_scan` to fall back automatically).
     """
     _check_selective(u, delta, A, Bmat, Cmat, initial_state)
-    if u.device.type != "cpu" or not native_selective_scan_available(u.dtype):
+    if u.device.type != "cpu" or not native_scan_available(u.dtype):
         raise RuntimeError(f"the native selective scan needs float32/float64 CPU tensors and a C compiler "
                            f"(got {u.dtype} on {u.device}); use nimblelm.ops.native_scan.selective_scan")
     tensors = [t for t in (u, delta, A, Bmat, Cmat, initial_state) if t is not None]
@@ -147,7 +150,64 @@ def native_selective_scan(u, delta, A, Bmat, Cmat, D=None, z=None, initial_state
 def selective_scan(u, delta, A, Bmat, Cmat, D=None, z=None, initial_state=None, output_final_state=False,
                    chunk_size=64):
     """Fastest available selective scan: native kernel on CPU when built, else the chunked form."""
-    if (u.device.type == "cpu" and native_selective_scan_available(u.dtype)
+    if (u.device.type == "cpu" and native_scan_available(u.dtype)
             and all(t is None or t.dtype == u.dtype for t in (delta, A, Bmat, Cmat, initial_state))):
         return native_selective_scan(u, delta, A, Bmat, Cmat, D, z, initial_state, output_final_state)
     return chunk_selective_scan(u, delta, A, Bmat, Cmat, D, z, initial_state, output_final_state, chunk_size)
+
+
+class _NativeLinearRecurrence(torch.autograd.Function):
+    """(x, log_a, initial_state or None) -> (h [B, T, Dch], final state [B, Dch])."""
+
+    @staticmethod
+    def forward(ctx, x, log_a, initial_state):
+        Bsz, T, Dch = x.shape
+        x, log_a = x.contiguous(), log_a.contiguous()
+        h0 = initial_state.contiguous() if initial_state is not None else x.new_zeros(Bsz, Dch)
+        h = torch.empty_like(x)
+        kernel = getattr(_library(), f"nl_lr_forward_{_SUFFIX[x.dtype]}")
+        args = [_ptr(t) for t in (x, log_a, h0, h)] + _sizes(Bsz, T, Dch)
+        _run(kernel, lambda i: args, _channel_ranges(Dch))
+        ctx.save_for_backward(log_a, h0, h)
+        ctx.has_initial_state = initial_state is not None
+        return h, h[:, -1].clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_h, grad_final):
+        log_a, h0, h = ctx.saved_tensors
+        Bsz, T, Dch = h.shape
+        grad_h = grad_h.contiguous() if grad_h is not None else torch.zeros_like(h)
+        g_final = grad_final.contiguous() if grad_final is not None else None
+        gx, g_log_a, g_h0 = torch.empty_like(h), torch.empty_like(h), h.new_empty(Bsz, Dch)
+        kernel = getattr(_library(), f"nl_lr_backward_{_SUFFIX[h.dtype]}")
+        args = [_ptr(t) for t in (log_a, h0, h, grad_h, g_final, gx, g_log_a, g_h0)] + _sizes(Bsz, T, Dch)
+        _run(kernel, lambda i: args, _channel_ranges(Dch))
+        return gx, g_log_a, (g_h0 if ctx.has_initial_state else None)
+
+
+def native_linear_recurrence(x, log_a, initial_state=None, output_final_state=False, chunk_size=None):
+    """``h_t = exp(log_a_t) h_{t-1} + x_t`` through the native kernel; contract of ``naive_linear_recurrence``.
+
+    x, log_a: [B, T, Dch] (log_a <= 0; -inf resets); initial_state: [B, Dch]. ``chunk_size``
+    is accepted for the chunked form's signature and unused. Returns (h [B, T, Dch], final
+    state [B, Dch] or None). Raises RuntimeError when the kernel is unavailable for ``x.dtype``.
+    """
+    _check_recurrence(x, log_a, initial_state)
+    if x.device.type != "cpu" or not native_scan_available(x.dtype):
+        raise RuntimeError(f"the native linear recurrence needs float32/float64 CPU tensors and a C compiler "
+                           f"(got {x.dtype} on {x.device}); use nimblelm.ops.native_scan.linear_recurrence")
+    if log_a.dtype != x.dtype or (initial_state is not None and initial_state.dtype != x.dtype):
+        raise ValueError("linear recurrence inputs must share one dtype")
+    if x.shape[1] == 0:
+        return scan_linear_recurrence(x, log_a, initial_state, output_final_state)
+    h, final = _NativeLinearRecurrence.apply(x, log_a, initial_state)
+    return h, (final if output_final_state else None)
+
+
+def linear_recurrence(x, log_a, initial_state=None, output_final_state=False, chunk_size=64):
+    """Fastest available linear recurrence: native kernel on CPU when built, else the chunked scan."""
+    if (x.device.type == "cpu" and native_scan_available(x.dtype) and log_a.dtype == x.dtype
+            and (initial_state is None or initial_state.dtype == x.dtype)):
+        return native_linear_recurrence(x, log_a, initial_state, output_final_state)
+    return scan_linear_recurrence(x, log_a, initial_state, output_final_state, chunk_size)
