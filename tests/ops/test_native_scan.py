@@ -66,6 +66,28 @@ def test_native_without_initial_state_or_final_state_gradient():
         torch.testing.assert_close(leaves[k].grad, ref[k].grad, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("drop", ["D", "z"])
+def test_native_skip_or_gate_alone(drop):
+    """The skip and the gate are fused into the kernel: each one alone, gradients included."""
+    inputs = selective_inputs(T=37, Dch=70)
+    del inputs[drop]
+    cot = [torch.randn(2, 37, 70, dtype=torch.float64), torch.randn(2, 70, 4, dtype=torch.float64)]
+    got = outputs_and_grads(lambda **a: native_selective_scan(**a, output_final_state=True), inputs, cot)
+    want = outputs_and_grads(lambda **a: naive_selective_scan(**a, output_final_state=True), inputs, cot)
+    for g, w in zip(got, want):
+        assert_close(g, w, torch.float64)
+
+
+def test_positive_A_is_refused_and_the_dispatcher_uses_the_chunked_form():
+    inputs = selective_inputs(T=20)
+    inputs["A"] = inputs["A"].abs()
+    with pytest.raises(ValueError, match="A <= 0"):
+        native_selective_scan(**inputs)
+    for g, w in zip(selective_scan(**inputs, output_final_state=True),
+                    naive_selective_scan(**inputs, output_final_state=True)):
+        torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-9)
+
+
 def test_native_extreme_gates_long():
     """T = 8192 in fp32 with decay ~0 (delta * A = -1000) and ~1 (delta * A = -1e-6): finite, as chunked."""
     B, T, Dch, N = 1, 8192, 3, 4
@@ -82,18 +104,22 @@ def test_native_extreme_gates_long():
     assert_close(state, state_ref, torch.float32)
 
 
+@pytest.mark.parametrize("variant", ["upto", "any"])
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 2e-7), (torch.float64, 5e-16)])
-def test_kernel_exponential(dtype, rtol):
-    """The kernel's own exp: within a few ulp on [-700, 0]; exactly 0 below the underflow threshold."""
+def test_kernel_exponential(dtype, rtol, variant):
+    """The kernels' own exp: within a few ulp on [-700, 80]; exactly 0 below the underflow
+    threshold; the clamped variant saturates (finite) above it."""
     lib = build.load_library("scan_kernels")
     ctype = ctypes.c_float if dtype == torch.float32 else ctypes.c_double
-    fn = getattr(lib, "nl_exp_" + ("f32" if dtype == torch.float32 else "f64"))
+    fn = getattr(lib, f"nl_exp_{variant}_" + ("f32" if dtype == torch.float32 else "f64"))
     fn.restype, fn.argtypes = ctype, [ctype]
     lo = -80.0 if dtype == torch.float32 else -700.0
-    xs = torch.linspace(lo, 0.0, 2001, dtype=dtype).tolist() + [-1e-7, -0.3465, 0.3465]
+    xs = torch.linspace(lo, 80.0, 2001, dtype=dtype).tolist() + [-1e-7, -0.3465, 0.3465]
     for x in xs:
         assert math.isclose(fn(x), math.exp(x), rel_tol=rtol), x
     assert fn(-1e4) == 0.0 and fn(-math.inf) == 0.0
+    if variant == "any":
+        assert math.isfinite(fn(1e4)) and fn(1e4) > 1e38
 
 
 def test_selective_scan_falls_back_without_the_kernel(monkeypatch):

@@ -1,6 +1,7 @@
 """Compile nimblelm's C kernels on first use and load them with ctypes.
 
-A kernel source ``NAME.c`` next to this file is compiled once per machine into
+A kernel source ``NAME.c`` next to this file (with the ``*.inc`` files it includes) is compiled
+once per machine into
 ``$NIMBLELM_CACHE/native/NAME-<key>.so`` (default cache: ``$XDG_CACHE_HOME/nimblelm`` or
 ``~/.cache/nimblelm``), where the key hashes the source, the flags, the compiler's version and
 the CPU's feature flags (the build uses ``-march=native``). The library is written to a
@@ -26,7 +27,8 @@ import warnings
 from pathlib import Path
 
 _SOURCE_DIR = Path(__file__).resolve().parent
-_FLAGS = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp-simd", "-fPIC", "-shared", "-std=c99"]
+_FLAGS = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp-simd", "-fPIC", "-shared", "-std=c99",
+          "-ffp-contract=fast"]
 _ARCH_FLAGS = ["-march=native"]
 _BUILD_TIMEOUT_S = 300
 
@@ -99,7 +101,7 @@ def load_library(name: str) -> ctypes.CDLL | None:
     if compiler is None:
         return None
     source = _SOURCE_DIR / f"{name}.c"
-    code = source.read_bytes()
+    code = source.read_bytes() + b"".join(p.read_bytes() for p in sorted(_SOURCE_DIR.glob("*.inc")))
     errors = []
     for flags in (_FLAGS + _ARCH_FLAGS, _FLAGS):  # a compiler without -march=native still builds
         target = cache_dir() / f"{name}-{_build_key(code, compiler, flags)}.so"

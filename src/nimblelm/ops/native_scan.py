@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..native import load_library
-from .scan import _check_recurrence, _check_selective, _skip_and_gate, chunk_selective_scan, scan_linear_recurrence
+from .scan import _check_recurrence, _check_selective, chunk_selective_scan, scan_linear_recurrence
 
 _CHECKPOINT = 32  # steps between stored states; the backward's recompute buffer is (32+1) x N x 64
 _BLOCK = 64  # channels per kernel block (BLOCK in scan_kernels.c); thread splits align to it
@@ -80,78 +80,92 @@ def _sizes(*sizes: int) -> list[ctypes.c_int64]:
     return [ctypes.c_int64(v) for v in sizes]
 
 
+def _optional(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.contiguous() if t is not None else None
+
+
 class _NativeSelectiveScan(torch.autograd.Function):
-    """(u, delta, A, Bmat, Cmat, initial_state or None) -> (y [B, T, Dch], final state [B, Dch, N])."""
+    """(u, delta, A, Bmat, Cmat, D, z, initial_state; D, z, initial_state may be None)
+    -> (y [B, T, Dch] with skip and gate applied, final state [B, Dch, N])."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, Bmat, Cmat, initial_state):
+    def forward(ctx, u, delta, A, Bmat, Cmat, D, z, initial_state):
         Bsz, T, Dch = u.shape
         N = A.shape[1]
         u, delta, Bmat, Cmat = (t.contiguous() for t in (u, delta, Bmat, Cmat))
+        D, z = _optional(D), _optional(z)
         At = A.t().contiguous()  # [N, Dch]
         h0 = (initial_state.transpose(1, 2).contiguous() if initial_state is not None
               else u.new_zeros(Bsz, N, Dch))  # [B, N, Dch]
-        n_checkpoints = -(-T // _CHECKPOINT)
         y = torch.empty_like(u)
-        hs = u.new_empty(Bsz, n_checkpoints + 1, N, Dch)
-        lib = _library()
-        kernel = getattr(lib, f"nl_s6_forward_{_SUFFIX[u.dtype]}")
-        args = [_ptr(t) for t in (u, delta, At, Bmat, Cmat, h0, y, hs)] + _sizes(Bsz, T, Dch, N, _CHECKPOINT)
+        hs = u.new_empty(Bsz, -(-T // _CHECKPOINT) + 1, N, Dch)  # states every _CHECKPOINT steps + final
+        kernel = getattr(_library(), f"nl_s6_forward_{_SUFFIX[u.dtype]}")
+        args = [_ptr(t) for t in (u, delta, At, Bmat, Cmat, D, z, h0, y, hs)] + _sizes(Bsz, T, Dch, N, _CHECKPOINT)
         _run(kernel, lambda i: args, _channel_ranges(Dch))
-        ctx.save_for_backward(u, delta, At, Bmat, Cmat, hs)
+        ctx.save_for_backward(u, delta, At, Bmat, Cmat, D, z, hs)
         ctx.has_initial_state = initial_state is not None
         return y, hs[:, -1].transpose(1, 2).contiguous()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_final):
-        u, delta, At, Bmat, Cmat, hs = ctx.saved_tensors
+        u, delta, At, Bmat, Cmat, D, z, hs = ctx.saved_tensors
         Bsz, T, Dch = u.shape
         N = At.shape[0]
         grad_y = grad_y.contiguous() if grad_y is not None else torch.zeros_like(u)
         g_final = grad_final.transpose(1, 2).contiguous() if grad_final is not None else None
         ranges = _channel_ranges(Dch)
         gu, g_delta = torch.empty_like(u), torch.empty_like(u)
-        gA = u.new_empty(Bsz, N, Dch)
-        g_h0 = u.new_empty(Bsz, N, Dch)
+        gA, g_h0 = u.new_empty(Bsz, N, Dch), u.new_empty(Bsz, N, Dch)
+        gD = u.new_empty(Bsz, Dch) if D is not None else None
+        gz = torch.empty_like(u) if z is not None else None
         gB = u.new_zeros(len(ranges), Bsz, T, N)  # per-range partial sums over channels
         gC = u.new_zeros(len(ranges), Bsz, T, N)
-        lib = _library()
-        kernel = getattr(lib, f"nl_s6_backward_{_SUFFIX[u.dtype]}")
-        shared = [_ptr(t) for t in (u, delta, At, Bmat, Cmat, hs, grad_y, g_final, gu, g_delta, gA)]
+        kernel = getattr(_library(), f"nl_s6_backward_{_SUFFIX[u.dtype]}")
+        shared = [_ptr(t) for t in (u, delta, At, Bmat, Cmat, D, z, hs, grad_y, g_final, gu, g_delta, gA, gD, gz)]
         sizes = _sizes(Bsz, T, Dch, N, _CHECKPOINT)
         _run(kernel, lambda i: shared + [_ptr(gB[i]), _ptr(gC[i]), _ptr(g_h0)] + sizes, ranges)
-        g_init = g_h0.transpose(1, 2) if ctx.has_initial_state else None
-        return gu, g_delta, gA.sum(0).t(), gB.sum(0), gC.sum(0), g_init
+        return (gu, g_delta, gA.sum(0).t(), gB.sum(0), gC.sum(0), gD.sum(0) if gD is not None else None, gz,
+                g_h0.transpose(1, 2) if ctx.has_initial_state else None)
 
 
 def native_selective_scan(u, delta, A, Bmat, Cmat, D=None, z=None, initial_state=None, output_final_state=False,
                           chunk_size=None):
     """Selective scan through the native kernel; contract of :func:`naive_selective_scan`.
 
-    u, delta, z: [B, T, Dch]; A: [Dch, N]; Bmat, Cmat: [B, T, N]; D: [Dch];
-    initial_state: [B, Dch, N]; ``chunk_size`` is accepted for the chunked form's signature and
+    u, delta, z: [B, T, Dch]; A: [Dch, N] (<= 0, as Mamba's ``-exp(A_log)``); Bmat, Cmat:
+    [B, T, N]; D: [Dch]; initial_state: [B, Dch, N]. The skip ``D`` and the gate ``silu(z)``
+    run inside the kernel. ``chunk_size`` is accepted for the chunked form's signature and
     unused. Raises RuntimeError when the kernel is unavailable for ``u.dtype`` (use
-    :func:`selective_scan` to fall back automatically).
+    :func:`selective_scan` to fall back automatically), ValueError for mixed dtypes or A > 0.
     """
     _check_selective(u, delta, A, Bmat, Cmat, initial_state)
     if u.device.type != "cpu" or not native_scan_available(u.dtype):
         raise RuntimeError(f"the native selective scan needs float32/float64 CPU tensors and a C compiler "
                            f"(got {u.dtype} on {u.device}); use nimblelm.ops.native_scan.selective_scan")
-    tensors = [t for t in (u, delta, A, Bmat, Cmat, initial_state) if t is not None]
+    tensors = [t for t in (u, delta, A, Bmat, Cmat, D, z, initial_state) if t is not None]
     if any(t.dtype != u.dtype for t in tensors):
         raise ValueError(f"selective scan inputs must share one dtype; got {sorted({str(t.dtype) for t in tensors})}")
+    if D is not None and D.shape != (u.shape[2],):
+        raise ValueError(f"D must be [Dch={u.shape[2]}]; got {tuple(D.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z must be [B, T, Dch] = {tuple(u.shape)}; got {tuple(z.shape)}")
+    if bool((A > 0).any()):
+        raise ValueError("the native selective scan needs A <= 0 (Mamba's A = -exp(A_log)); "
+                         "use chunk_selective_scan for other A")
     if u.shape[1] == 0:
         return chunk_selective_scan(u, delta, A, Bmat, Cmat, D, z, initial_state, output_final_state)
-    y, final = _NativeSelectiveScan.apply(u, delta, A, Bmat, Cmat, initial_state)
-    return _skip_and_gate(y, u, D, z), (final if output_final_state else None)
+    y, final = _NativeSelectiveScan.apply(u, delta, A, Bmat, Cmat, D, z, initial_state)
+    return y, (final if output_final_state else None)
 
 
 def selective_scan(u, delta, A, Bmat, Cmat, D=None, z=None, initial_state=None, output_final_state=False,
                    chunk_size=64):
-    """Fastest available selective scan: native kernel on CPU when built, else the chunked form."""
+    """Fastest available selective scan: the native kernel on CPU when built (float32/float64,
+    one dtype, A <= 0), else the chunked form."""
     if (u.device.type == "cpu" and native_scan_available(u.dtype)
-            and all(t is None or t.dtype == u.dtype for t in (delta, A, Bmat, Cmat, initial_state))):
+            and all(t is None or t.dtype == u.dtype for t in (delta, A, Bmat, Cmat, D, z, initial_state))
+            and not bool((A > 0).any())):
         return native_selective_scan(u, delta, A, Bmat, Cmat, D, z, initial_state, output_final_state)
     return chunk_selective_scan(u, delta, A, Bmat, Cmat, D, z, initial_state, output_final_state, chunk_size)
 
