@@ -227,3 +227,35 @@ def test_build_cache_and_failure(tmp_path, monkeypatch):
         assert build.load_library("scan_kernels") is None
     finally:
         build.load_library.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_reset,with_branch,with_init", [(True, True, True), (False, True, False),
+                                                              (True, False, False), (False, False, True)])
+def test_fused_rglru_matches_gates_and_naive_recurrence(dtype, with_reset, with_branch, with_init):
+    from nimblelm.ops.native_scan import native_rglru_forward
+    from nimblelm.ops.scan import rglru_gates
+
+    B, T, Dch = 2, 45, 70
+    g = torch.Generator().manual_seed(1)
+    x, gx, ga, yb = (torch.randn(B, T, Dch, generator=g, dtype=dtype) * 3 for _ in range(4))
+    a_param = torch.randn(Dch, generator=g, dtype=dtype)
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    reset[:, 0], reset[1, 20] = True, True
+    reset = reset if with_reset else None
+    h0 = torch.randn(B, Dch, generator=g, dtype=dtype) if with_init else None
+    normalized, log_a = rglru_gates(x, gx, ga, a_param, reset=reset)
+    h, last = naive_linear_recurrence(normalized, log_a, h0, output_final_state=True)
+    want = h * torch.nn.functional.gelu(yb, approximate="tanh") if with_branch else h
+    got, got_last = native_rglru_forward(x, gx, ga, a_param, yb if with_branch else None, reset=reset,
+                                         initial_state=h0)
+    assert_close(got, want, dtype)
+    assert_close(got_last, last, dtype)
+
+
+def test_fused_rglru_refuses_gradients():
+    from nimblelm.ops.native_scan import native_rglru_forward
+
+    x = torch.randn(1, 4, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no backward"):
+        native_rglru_forward(x, x, x, torch.zeros(8))

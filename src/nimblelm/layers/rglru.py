@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.config import ModelConfig
-from ..ops.native_scan import linear_recurrence
+from ..ops.native_scan import linear_recurrence, native_rglru_forward, rglru_fusable
 from ..ops.scan import rglru_gates, step_linear_recurrence
 from ..ops.short_conv import causal_conv1d, step_causal_conv1d
 from .recurrent import RecurrentMixer
@@ -60,19 +60,30 @@ class RGLRUBlock(RecurrentMixer):
     def state_shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
         return {"conv": (batch, self.width, self.conv_size - 1), "h": (batch, self.width)}
 
-    def _gates(self, u: torch.Tensor, positions: torch.Tensor | None):
-        """u [B, T, width] -> (normalized input, log decay), both [B, T, width]."""
+    def _gate_logits(self, u: torch.Tensor):
+        """u [B, T, width] -> (input gate logits, recurrence gate logits), both [B, T, width]."""
         batch, length, _ = u.shape
         heads = u.view(batch, length, self.num_heads, self.block)  # [B, T, H, blk]
         gate_x = torch.einsum("bthi,hij->bthj", heads, self.input_gate_weight) + self.input_gate_bias
         gate_a = torch.einsum("bthi,hij->bthj", heads, self.recurrent_gate_weight) + self.recurrent_gate_bias
+        return gate_x.reshape(u.shape), gate_a.reshape(u.shape)
+
+    def _gates(self, u: torch.Tensor, positions: torch.Tensor | None):
+        """u [B, T, width] -> (normalized input, log decay), both [B, T, width]."""
         reset = None if positions is None else positions == 0
-        return rglru_gates(u, gate_x.reshape(u.shape), gate_a.reshape(u.shape), self.recurrent_param, reset=reset)
+        return rglru_gates(u, *self._gate_logits(u), self.recurrent_param, reset=reset)
 
     def sequence_forward(self, x: torch.Tensor, state: dict | None, positions=None):
-        y = F.gelu(self.linear_y(x), approximate="tanh")
+        y_branch = self.linear_y(x)
         u, conv = causal_conv1d(self.linear_x(x), self.conv_weight, self.conv_bias, None,
                                 initial_state=None if state is None else state["conv"], output_final_state=True)
+        if rglru_fusable(u, y_branch, self.recurrent_param, self.input_gate_weight):
+            # inference: gates, recurrence and the gelu output branch in one native pass
+            out, last = native_rglru_forward(u, *self._gate_logits(u), self.recurrent_param, y_branch,
+                                             reset=None if positions is None else positions == 0,
+                                             initial_state=None if state is None else state["h"])
+            return self.linear_out(out), {"conv": conv, "h": last}
+        y = F.gelu(y_branch, approximate="tanh")
         normalized, log_a = self._gates(u, positions)
         h, last = linear_recurrence(normalized, log_a, initial_state=None if state is None else state["h"],
                                     output_final_state=True, chunk_size=self.chunk_size)

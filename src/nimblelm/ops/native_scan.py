@@ -35,7 +35,7 @@ def _library():
     if lib is not None and not getattr(lib, "_nimblelm_typed", False):
         for sfx in _SUFFIX.values():
             for name in (f"nl_s6_forward_{sfx}", f"nl_s6_backward_{sfx}", f"nl_lr_forward_{sfx}",
-                         f"nl_lr_backward_{sfx}"):
+                         f"nl_lr_backward_{sfx}", f"nl_rglru_forward_{sfx}"):
                 getattr(lib, name).restype = ctypes.c_int
         lib._nimblelm_typed = True
     return lib
@@ -225,3 +225,47 @@ def linear_recurrence(x, log_a, initial_state=None, output_final_state=False, ch
             and (initial_state is None or initial_state.dtype == x.dtype)):
         return native_linear_recurrence(x, log_a, initial_state, output_final_state)
     return scan_linear_recurrence(x, log_a, initial_state, output_final_state, chunk_size)
+
+
+def native_rglru_forward(x, gate_x, gate_a, a_param, y_branch=None, c=8.0, reset=None, initial_state=None):
+    """Inference-only fused RG-LRU interior: :func:`~nimblelm.ops.scan.rglru_gates`, the
+    recurrence and ``h * gelu_tanh(y_branch)`` in one pass of the native kernel.
+
+    x, gate_x, gate_a, y_branch: [B, T, Dch] (the conv branch, the two gate logits with their
+    biases, the pre-activation output branch; ``y_branch=None`` returns h itself); a_param:
+    [Dch]; reset: bool [B, T] (or broadcastable to it) or None; initial_state: [B, Dch] (zeros when None).
+    Returns (out [B, T, Dch], final state [B, Dch]). There is no backward: raises RuntimeError
+    when a gradient is wanted or the kernel is unavailable for ``x.dtype``.
+    """
+    tensors = [t for t in (x, gate_x, gate_a, a_param, y_branch, initial_state) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError("native_rglru_forward has no backward; use rglru_gates + linear_recurrence for training")
+    if x.device.type != "cpu" or not native_scan_available(x.dtype) or any(t.dtype != x.dtype for t in tensors):
+        raise RuntimeError(f"native_rglru_forward needs float32/float64 CPU tensors of one dtype and a C compiler "
+                           f"(got {sorted({str(t.dtype) for t in tensors})} on {x.device})")
+    Bsz, T, Dch = x.shape
+    for name, t in (("gate_x", gate_x), ("gate_a", gate_a), ("y_branch", y_branch)):
+        if t is not None and t.shape != x.shape:
+            raise ValueError(f"{name} must be [B, T, Dch] = {tuple(x.shape)}; got {tuple(t.shape)}")
+    _check_recurrence(x, x, initial_state)
+    x, gate_x, gate_a = x.contiguous(), gate_x.contiguous(), gate_a.contiguous()
+    y_branch = _optional(y_branch)
+    softplus = torch.nn.functional.softplus(a_param).contiguous()
+    flags = reset.expand(Bsz, T).to(torch.uint8).contiguous() if reset is not None else None
+    h0 = initial_state.contiguous() if initial_state is not None else x.new_zeros(Bsz, Dch)
+    out, last = torch.empty_like(x), x.new_empty(Bsz, Dch)
+    kernel = getattr(_library(), f"nl_rglru_forward_{_SUFFIX[x.dtype]}")
+    real = ctypes.c_float if x.dtype == torch.float32 else ctypes.c_double
+    args = [_ptr(t) for t in (x, gate_x, gate_a, softplus, flags, h0, y_branch)] + [real(c), _ptr(out), _ptr(last)]
+    args += _sizes(Bsz, T, Dch)
+    _run(kernel, lambda i: args, _channel_ranges(Dch))
+    return out, last
+
+
+def rglru_fusable(*tensors: torch.Tensor) -> bool:
+    """True when :func:`native_rglru_forward` can run on these tensors (no gradient wanted)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    first = tensors[0]
+    return (first.device.type == "cpu" and native_scan_available(first.dtype)
+            and all(t.dtype == first.dtype for t in tensors))
