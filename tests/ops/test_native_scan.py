@@ -259,3 +259,13 @@ def test_fused_rglru_refuses_gradients():
     x = torch.randn(1, 4, 8, requires_grad=True)
     with pytest.raises(RuntimeError, match="no backward"):
         native_rglru_forward(x, x, x, torch.zeros(8))
+
+
+def test_a_library_with_another_abi_is_not_used(monkeypatch):
+    """A kernel library whose argument lists differ from this module's is refused (fallback)."""
+    monkeypatch.setattr(native_scan, "_ABI", -1)
+    assert not native_scan.native_scan_available(torch.float32)
+    inputs = selective_inputs(T=10)
+    for g, w in zip(selective_scan(**inputs, output_final_state=True),
+                    naive_selective_scan(**inputs, output_final_state=True)):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)

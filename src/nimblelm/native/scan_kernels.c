@@ -75,6 +75,10 @@ static inline double exp_upto709_f64(double x) {
 static inline float exp_any_f32(float x) { return exp_upto88_f32(x > 88.0f ? 88.0f : x); }
 static inline double exp_any_f64(double x) { return exp_upto709_f64(x > 709.0 ? 709.0 : x); }
 
+/* Bumped whenever a kernel's signature changes; nimblelm.ops.native_scan refuses a library
+ * whose number differs from its own (a process that loaded older Python code, say). */
+int nl_scan_kernels_abi(void) { return 2; }
+
 #define REAL float
 #define SFX(name) name##_f32
 #define EXP_UPTO exp_upto88_f32

@@ -27,11 +27,14 @@ from .scan import _check_recurrence, _check_selective, chunk_selective_scan, sca
 _CHECKPOINT = 32  # steps between stored states; the backward's recompute buffer is (32+1) x N x 64
 _BLOCK = 64  # channels per kernel block (BLOCK in scan_kernels.c); thread splits align to it
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_ABI = 2  # must equal nl_scan_kernels_abi() in scan_kernels.c: the argument lists below match it
 _pool: ThreadPoolExecutor | None = None
 
 
 def _library():
     lib = load_library("scan_kernels")
+    if lib is not None and lib.nl_scan_kernels_abi() != _ABI:
+        return None  # a library built from other sources than this module's argument lists
     if lib is not None and not getattr(lib, "_nimblelm_typed", False):
         for sfx in _SUFFIX.values():
             for name in (f"nl_s6_forward_{sfx}", f"nl_s6_backward_{sfx}", f"nl_lr_forward_{sfx}",
