@@ -9,6 +9,7 @@ import sys
 
 from . import __version__
 from .errors import NimbleError
+from .native.allocator import configure_from_environment
 
 BENCH_SUITES = {"decode": "nimblelm.bench.decode", "mixers": "nimblelm.bench.mixers", "spec": "nimblelm.bench.spec",
                 "mqar": "nimblelm.bench.mqar", "markov": "nimblelm.bench.markov",
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["demo"]:  # all of the demo's options (--help included) belong to nimblelm.demo
         argv = ["demo", "--", *argv[1:]]
     args = _build_parser().parse_args(argv)
+    configure_from_environment()  # glibc keeps freed memory: no page faults on every temporary
     if getattr(args, "args", None) and args.args[:1] == ["--"]:
         args.args = args.args[1:]
     handlers = {"generate": cmd_generate, "info": cmd_info, "bench": cmd_bench, "demo": cmd_demo}
