@@ -276,10 +276,13 @@ def _intra_scores_per_dim(q: Tensor, k: Tensor, b: Tensor, sub: int) -> Tensor:
     C = q.shape[-2]
     hi, lo = b.amax(-2, keepdim=True).detach(), b.amin(-2, keepdim=True).detach()  # [B,H,N,1,Dk]
     r = (hi + lo) / 2  # the reference point cancels exactly, hence no gradient through it
-    q_ref = q * (b - r).clamp(-_CLAMP, _CLAMP).exp()  # [B,H,N,C,Dk]
-    k_ref = k * (r - b).clamp(-_CLAMP, _CLAMP).exp()  # [B,H,N,C,Dk]
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    A = torch.where(causal, q_ref @ k_ref.transpose(-1, -2), 0.0)  # [B,H,N,C,C]
+    factor = (b - r).clamp(-_CLAMP, _CLAMP).exp()  # [B,H,N,C,Dk], within e^(+-44)
+    q_ref = q * factor
+    if torch.is_grad_enabled() and b.requires_grad:  # d(k / factor) would reach e^88: overflow
+        k_ref = k * (r - b).clamp(-_CLAMP, _CLAMP).exp()
+    else:  # inference: one exponential fewer, k / factor = k exp(r - b) with the same clamp
+        k_ref = k / factor
+    A = (q_ref @ k_ref.transpose(-1, -2)).tril()  # [B,H,N,C,C]
     wide = ((hi - lo) > _SAFE_RANGE).any(-1).squeeze(-1)  # [B,H,N] chunks needing sub-chunks
     if bool(wide.any()):  # their (clamped, finite) scores above are replaced
         A = A.index_put((wide,), _sub_chunked_in_groups(q[wide], k[wide], b[wide], sub))
