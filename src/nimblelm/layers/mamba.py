@@ -5,6 +5,8 @@ in_proj(x) -> [u, z] (d_inner each, d_inner = expand * hidden); u -> causal dept
 delta = softplus(dt_proj(dt)); selective scan h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,
 y_t = C_t . h_t + D u_t, y *= silu(z); out_proj. R = ceil(hidden / 16), N = ``state_size``.
 State: conv window [B, d_inner, K-1] and SSM state [B, d_inner, N].
+The scan runs in the native C kernel where one could be built (``ops.native_scan``), else in
+the chunked PyTorch form; both match the naive loop.
 """
 
 from __future__ import annotations

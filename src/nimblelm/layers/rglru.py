@@ -7,6 +7,9 @@ bias); RG-LRU over u: per head, block-diagonal input gate i_t and recurrence gat
 (i_t u_t) (multiplier 1 and no carry at position 0); output linear_out(h * y).
 Width ``extra["lru_width"]`` (default hidden_size), heads = ``num_heads``.
 State: conv window [B, width, K-1] and h [B, width].
+Prefill without gradients runs gates, recurrence and the output branch in one native kernel
+pass (``ops.native_scan.native_rglru_forward``); training runs ``rglru_gates`` and the native
+recurrence (PyTorch forms where no kernel could be built).
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ _CHECKPOINT = 32  # steps between stored states; the backward's recompute buffer
 _BLOCK = 64  # channels per kernel block (BLOCK in scan_kernels.c); thread splits align to it
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _ABI = 2  # must equal nl_scan_kernels_abi() in scan_kernels.c: the argument lists below match it
-_pool: ThreadPoolExecutor | None = None
+_pool: ThreadPoolExecutor | None = None  # shared by every kernel call that splits channels
+_pool_size = 0
 
 
 def _library():
@@ -63,7 +64,7 @@ def _channel_ranges(Dch: int) -> list[tuple[int, int]]:
 
 def _run(kernel, make_args, ranges: list[tuple[int, int]]) -> None:
     """Call ``kernel(*make_args(i), d0, d1)`` for every channel range i, in parallel when several."""
-    global _pool
+    global _pool, _pool_size
 
     def call(i: int) -> int:
         d0, d1 = ranges[i]
@@ -72,8 +73,9 @@ def _run(kernel, make_args, ranges: list[tuple[int, int]]) -> None:
     if len(ranges) == 1:
         codes = [call(0)]
     else:
-        if _pool is None or _pool._max_workers < len(ranges):
+        if _pool is None or _pool_size < len(ranges):
             _pool = ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="nimblelm-scan")
+            _pool_size = len(ranges)
         codes = list(_pool.map(call, range(len(ranges))))
     if any(codes):
         raise MemoryError("native scan: the kernel could not allocate its work buffers")
