@@ -79,13 +79,14 @@ def step_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | N
 
 
 def _safe_exp(x: Tensor, mask: Tensor | None = None) -> Tensor:
-    """exp(x) for x <= 0, with x first clamped at half the log of the smallest normal
-    float (exp >= ~1e-19 in fp32, ~1e-154 in fp64: far below the dtype's resolution next
-    to O(1) terms, and no denormals, which slow CPUs 3-4x); 0 outside `mask`."""
-    x = x.clamp_min(0.5 * math.log(torch.finfo(x.dtype).tiny))
-    if mask is not None:
-        x = x.masked_fill(~mask, float("-inf"))
-    return x.exp()
+    """exp(x) for x <= 0, with x first clamped to [half the log of the smallest normal
+    float, 0] (exp >= ~1e-19 in fp32, ~1e-154 in fp64: far below the dtype's resolution next
+    to O(1) terms, and no denormals, which slow CPUs 3-4x); 0 outside `mask`. The mask is
+    applied after the exponential: every argument is finite, so nothing overflows (the masked
+    entries may hold large positive x) and no gradient is NaN, and exp(-inf) would take CPU
+    exp's slow path for half of a [C, C] block."""
+    w = x.clamp(0.5 * math.log(torch.finfo(x.dtype).tiny), 0.0).exp()
+    return w if mask is None else w * mask.to(w.dtype)
 
 
 def _to_chunks(x: Tensor, pad: int, C: int) -> Tensor:
