@@ -254,3 +254,35 @@ def test_a_library_with_another_abi_is_not_used(monkeypatch):
     for g, w in zip(selective_scan(**inputs, output_final_state=True),
                     naive_selective_scan(**inputs, output_final_state=True)):
         torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K,T", [(4, 37), (4, 2), (2, 9), (1, 5), (3, 1)])
+@pytest.mark.parametrize("bias,activation,with_state", [(True, "silu", True), (False, None, False),
+                                                        (True, None, True), (False, "silu", False)])
+def test_native_short_conv_matches_naive(dtype, K, T, bias, activation, with_state):
+    """Without gradients causal_conv1d runs the native kernel: outputs and final state as the loop."""
+    from nimblelm.ops.short_conv import causal_conv1d, naive_causal_conv1d
+
+    B, C = 2, 70
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(B, T, C, generator=g, dtype=dtype)
+    w = torch.randn(C, K, generator=g, dtype=dtype)
+    b = torch.randn(C, generator=g, dtype=dtype) if bias else None
+    s = torch.randn(B, C, K - 1, generator=g, dtype=dtype) if with_state else None
+    want = naive_causal_conv1d(x, w, b, activation, s, output_final_state=True)
+    for threads in (1, 2):
+        with torch.no_grad():
+            got = with_threads(threads, lambda: causal_conv1d(x, w, b, activation, s, output_final_state=True))
+        for g_, w_ in zip(got, want):
+            assert_close(g_, w_, dtype)
+
+
+def test_short_conv_with_gradients_uses_the_pytorch_form(monkeypatch):
+    from nimblelm.ops import short_conv
+
+    monkeypatch.setattr(short_conv, "native_conv1d_forward", lambda *a, **k: pytest.fail("native path under grad"))
+    x = torch.randn(1, 8, 4, requires_grad=True)
+    y, _ = short_conv.causal_conv1d(x, torch.randn(4, 4), None, "silu")
+    y.sum().backward()
+    assert x.grad is not None

@@ -10,7 +10,8 @@
  * each stretch from there, walking time backwards.
  *
  * Hawk / Griffin's RG-LRU recurrence h_t = exp(log_a_t) * h_{t-1} + x_t (per channel, read
- * out as h_t): `nl_lr_forward` / `nl_lr_backward`.
+ * out as h_t): `nl_lr_forward` / `nl_lr_backward`; the whole RG-LRU interior for inference:
+ * `nl_rglru_forward`; the causal depthwise "short conv" for inference: `nl_conv_forward`.
  *
  * Every kernel exists for float and double (`_f32` / `_f64`): scan_kernels.inc is included
  * once per type. The exponentials are our own polynomials, so the loops vectorise without
@@ -77,7 +78,7 @@ static inline double exp_any_f64(double x) { return exp_upto709_f64(x > 709.0 ? 
 
 /* Bumped whenever a kernel's signature changes; nimblelm.ops.native_scan refuses a library
  * whose number differs from its own (a process that loaded older Python code, say). */
-int nl_scan_kernels_abi(void) { return 2; }
+int nl_scan_kernels_abi(void) { return 3; }
 
 #define REAL float
 #define SFX(name) name##_f32

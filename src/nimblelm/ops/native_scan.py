@@ -27,7 +27,7 @@ from .scan import _check_recurrence, _check_selective, chunk_selective_scan, sca
 _CHECKPOINT = 32  # steps between stored states; the backward's recompute buffer is (32+1) x N x 64
 _BLOCK = 64  # channels per kernel block (BLOCK in scan_kernels.c); thread splits align to it
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-_ABI = 2  # must equal nl_scan_kernels_abi() in scan_kernels.c: the argument lists below match it
+_ABI = 3  # must equal nl_scan_kernels_abi() in scan_kernels.c: the argument lists below match it
 _pool: ThreadPoolExecutor | None = None  # shared by every kernel call that splits channels
 _pool_size = 0
 
@@ -39,7 +39,7 @@ def _library():
     if lib is not None and not getattr(lib, "_nimblelm_typed", False):
         for sfx in _SUFFIX.values():
             for name in (f"nl_s6_forward_{sfx}", f"nl_s6_backward_{sfx}", f"nl_lr_forward_{sfx}",
-                         f"nl_lr_backward_{sfx}", f"nl_rglru_forward_{sfx}"):
+                         f"nl_lr_backward_{sfx}", f"nl_rglru_forward_{sfx}", f"nl_conv_forward_{sfx}"):
                 getattr(lib, name).restype = ctypes.c_int
         lib._nimblelm_typed = True
     return lib
@@ -274,3 +274,34 @@ def rglru_fusable(*tensors: torch.Tensor) -> bool:
     first = tensors[0]
     return (first.device.type == "cpu" and native_scan_available(first.dtype)
             and all(t.dtype == first.dtype for t in tensors))
+
+
+def native_conv1d_forward(x, weight, bias=None, activation=None, state=None):
+    """Inference-only causal depthwise convolution in one native pass (no final state).
+
+    x: [B, T, C]; weight: [C, K]; bias: [C] or None; activation: 'silu' / 'swish' or None;
+    state: [B, C, K-1] (zeros when None), as :func:`~nimblelm.ops.short_conv.causal_conv1d`.
+    Returns y [B, T, C]. Callers check :func:`conv_fusable` first (no gradient, one dtype).
+    """
+    Bsz, T, C = x.shape
+    K = weight.shape[1]
+    x = x.contiguous()
+    taps = weight.t().contiguous()  # [K, C]
+    bias = _optional(bias)
+    state_tm = state.transpose(1, 2).contiguous() if state is not None and K > 1 else None  # [B, K-1, C]
+    y = torch.empty_like(x)
+    kernel = getattr(_library(), f"nl_conv_forward_{_SUFFIX[x.dtype]}")
+    args = [_ptr(t) for t in (x, taps, bias, state_tm)] + _sizes(int(activation is not None))
+    args += [_ptr(y)] + _sizes(Bsz, T, C, K)
+    _run(kernel, lambda i: args, _channel_ranges(C))
+    return y
+
+
+def conv_fusable(*tensors: torch.Tensor | None) -> bool:
+    """True when :func:`native_conv1d_forward` can run on these tensors (no gradient wanted)."""
+    present = [t for t in tensors if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return False
+    first = present[0]
+    return (first.device.type == "cpu" and native_scan_available(first.dtype)
+            and all(t.dtype == first.dtype for t in present))
