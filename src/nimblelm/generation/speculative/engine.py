@@ -20,7 +20,7 @@ from ...errors import GenerationError
 from ..generate import GenerationRequest, GenerationStats, StreamEvent
 from ..sampling import probabilities
 from ..watermark.speculative import speculative_watermark
-from .verify import truncate_at_stop, verify
+from .verify import truncate_at_stop, verify, verify_greedy
 
 
 def check_target_supports_trees(target, strategy: str) -> None:
@@ -74,11 +74,13 @@ def speculative_rounds(request: GenerationRequest, drafter, strategy: str) -> It
         out = target(tree.tokens[None], tree.positions(cache.length)[None], cache=cache, tree=spec)
         stats.target_calls += 1
         stats.rounds += 1
-        target_probs = probabilities(out.logits[0], request.sampling)
-        if watermark is None:
-            result = verify(tree, target_probs, request.generator, greedy=request.sampling.greedy)
+        if watermark is None and request.sampling.greedy:
+            # greedy needs only the argmax: skip building the one-hot [n, V] distribution
+            result = verify_greedy(tree, out.logits[0])
+        elif watermark is None:
+            result = verify(tree, probabilities(out.logits[0], request.sampling), request.generator)
         else:
-            result = watermark.verify(tree, target_probs, request.generator)
+            result = watermark.verify(tree, probabilities(out.logits[0], request.sampling), request.generator)
         emission = truncate_at_stop(result, tree, request.stop_tokens, request.max_new_tokens - emitted)
         cache.commit(emission.commit)
         if observe is not None:

@@ -99,7 +99,8 @@ def as_randomness(generator) -> Randomness:
 
 # -- the modes ---------------------------------------------------------------------------------
 def verify_greedy(tree: DraftTree, target_probs: torch.Tensor, generator=None) -> VerifyResult:
-    """Longest path whose tokens equal the target's argmax; next token = argmax at its end."""
+    """Longest path whose tokens equal the target's argmax; next token = argmax at its end.
+    Only the argmax of each row is read, so raw logits [n, V] work as well as probabilities."""
     _check_probs(tree, target_probs)
     best = target_probs.argmax(-1).tolist()
     tokens, node, path = tree.token_list, 0, [0]
