@@ -77,10 +77,10 @@ def speculative_rounds(request: GenerationRequest, drafter, strategy: str) -> It
         if watermark is None and request.sampling.greedy:
             # greedy needs only the argmax: skip building the one-hot [n, V] distribution
             result = verify_greedy(tree, out.logits[0])
-        elif watermark is None:
-            result = verify(tree, probabilities(out.logits[0], request.sampling), request.generator)
         else:
-            result = watermark.verify(tree, probabilities(out.logits[0], request.sampling), request.generator)
+            target_probs = probabilities(out.logits[0], request.sampling)
+            verifier = verify if watermark is None else watermark.verify
+            result = verifier(tree, target_probs, request.generator)
         emission = truncate_at_stop(result, tree, request.stop_tokens, request.max_new_tokens - emitted)
         cache.commit(emission.commit)
         if observe is not None:
