@@ -110,27 +110,21 @@ def _conv_inputs(layer, x, positions) -> dict:
     return dict(x=x, weight=layer.conv_weight, bias=layer.conv_bias)
 
 
-def _fast_selective_scan() -> Callable:
-    """The selective scan Mamba layers run: the native kernel when built, else the chunked form."""
-    if native_scan.native_scan_available():
-        return native_scan.native_selective_scan
-    return scan.chunk_selective_scan
-
-
-def _fast_linear_recurrence() -> Callable:
-    """The recurrence RG-LRU layers run: the native kernel when built, else the chunked scan."""
-    if native_scan.native_scan_available():
-        return native_scan.native_linear_recurrence
-    return scan.scan_linear_recurrence
+def _native_or(native_op: Callable, pytorch_op: Callable) -> Callable:
+    """The op the layers run: the native kernel when built, else the PyTorch form (so the
+    table names the one it timed)."""
+    return native_op if native_scan.native_scan_available() else pytorch_op
 
 
 # class -> (family, inputs builder, fast op, naive op, keyword arguments of the fast op only)
 _FAMILIES: list[tuple[type, str, Callable, Callable, Callable, Callable[[Any], dict]]] = [
     (LinearAttentionMixer, "gla", _gla_inputs, gla.chunk_gla, gla.naive_gla, lambda l: {"chunk_size": l.chunk_size}),
     (Mamba2, "ssd", _ssd_inputs, ssd.chunk_ssd, ssd.naive_ssd, lambda l: {"chunk_size": l.chunk_size}),
-    (Mamba, "selective_scan", _scan_inputs, _fast_selective_scan(), scan.naive_selective_scan,
+    (Mamba, "selective_scan", _scan_inputs,
+     _native_or(native_scan.native_selective_scan, scan.chunk_selective_scan), scan.naive_selective_scan,
      lambda l: {"chunk_size": l.chunk_size}),
-    (RGLRUBlock, "linear_recurrence", _rglru_inputs, _fast_linear_recurrence(), scan.naive_linear_recurrence,
+    (RGLRUBlock, "linear_recurrence", _rglru_inputs,
+     _native_or(native_scan.native_linear_recurrence, scan.scan_linear_recurrence), scan.naive_linear_recurrence,
      lambda l: {"chunk_size": l.chunk_size}),
     (DeltaNet, "delta", _delta_inputs, delta.chunk_delta_rule, delta.naive_delta_rule,
      lambda l: {"chunk_size": l.chunk_size}),
