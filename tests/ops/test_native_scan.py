@@ -28,6 +28,15 @@ def with_threads(threads: int, fn):
         torch.set_num_threads(old)
 
 
+def assert_native_matches_naive(native, naive, inputs, cotangents, dtype, threads=1):
+    """Outputs, final state and every input gradient of ``native`` (run on ``threads``) against ``naive``."""
+    got = with_threads(threads, lambda: outputs_and_grads(lambda **a: native(**a, output_final_state=True),
+                                                          inputs, cotangents))
+    want = outputs_and_grads(lambda **a: naive(**a, output_final_state=True), inputs, cotangents)
+    for g, w in zip(got, want):
+        assert_close(g, w, dtype)
+
+
 def test_kernel_builds_on_a_machine_with_a_compiler():
     assert native_scan.native_scan_available(torch.float32)
     assert native_scan.native_scan_available(torch.float64)
@@ -42,11 +51,7 @@ def test_native_matches_naive(dtype, threads, shape):
     B, T, Dch, N = shape
     inputs = selective_inputs(B=B, T=T, Dch=Dch, N=N, dtype=dtype)
     cot = [torch.randn(B, T, Dch, dtype=dtype), torch.randn(B, Dch, N, dtype=dtype)]
-    got = with_threads(threads, lambda: outputs_and_grads(lambda **a: native_selective_scan(**a, output_final_state=True),
-                                                          inputs, cot))
-    want = outputs_and_grads(lambda **a: naive_selective_scan(**a, output_final_state=True), inputs, cot)
-    for g, w in zip(got, want):
-        assert_close(g, w, dtype)
+    assert_native_matches_naive(native_selective_scan, naive_selective_scan, inputs, cot, dtype, threads)
 
 
 def test_native_gradcheck():
@@ -78,10 +83,7 @@ def test_native_skip_or_gate_alone(drop):
     inputs = selective_inputs(T=37, Dch=70)
     del inputs[drop]
     cot = [torch.randn(2, 37, 70, dtype=torch.float64), torch.randn(2, 70, 4, dtype=torch.float64)]
-    got = outputs_and_grads(lambda **a: native_selective_scan(**a, output_final_state=True), inputs, cot)
-    want = outputs_and_grads(lambda **a: naive_selective_scan(**a, output_final_state=True), inputs, cot)
-    for g, w in zip(got, want):
-        assert_close(g, w, torch.float64)
+    assert_native_matches_naive(native_selective_scan, naive_selective_scan, inputs, cot, torch.float64)
 
 
 def test_positive_A_is_refused_and_the_dispatcher_uses_the_chunked_form():
@@ -161,11 +163,7 @@ def test_native_recurrence_matches_naive(dtype, threads, shape):
     inputs = recurrence_inputs(B=B, T=T, Dch=Dch, dtype=dtype)
     inputs["log_a"][:, T // 2] = float("-inf")  # a hard reset in the middle
     cot = [torch.randn(B, T, Dch, dtype=dtype), torch.randn(B, Dch, dtype=dtype)]
-    got = with_threads(threads, lambda: outputs_and_grads(lambda **a: native_linear_recurrence(**a, output_final_state=True),
-                                                          inputs, cot))
-    want = outputs_and_grads(lambda **a: naive_linear_recurrence(**a, output_final_state=True), inputs, cot)
-    for g, w in zip(got, want):
-        assert_close(g, w, dtype)
+    assert_native_matches_naive(native_linear_recurrence, naive_linear_recurrence, inputs, cot, dtype, threads)
 
 
 def test_native_recurrence_gradcheck_and_optional_arguments():

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.config import ModelConfig
-from ..ops.native_scan import linear_recurrence, native_rglru_forward, rglru_fusable
+from ..ops.native_scan import linear_recurrence, native_inference_ok, native_rglru_forward
 from ..ops.scan import rglru_gates, step_linear_recurrence
 from ..ops.short_conv import causal_conv1d, step_causal_conv1d
 from .recurrent import RecurrentMixer
@@ -71,19 +71,23 @@ class RGLRUBlock(RecurrentMixer):
         gate_a = torch.einsum("bthi,hij->bthj", heads, self.recurrent_gate_weight) + self.recurrent_gate_bias
         return gate_x.reshape(u.shape), gate_a.reshape(u.shape)
 
+    @staticmethod
+    def _resets(positions: torch.Tensor | None) -> torch.Tensor | None:
+        """True where a sequence starts (transformers' ``position_ids == 0``), or None."""
+        return None if positions is None else positions == 0
+
     def _gates(self, u: torch.Tensor, positions: torch.Tensor | None):
         """u [B, T, width] -> (normalized input, log decay), both [B, T, width]."""
-        reset = None if positions is None else positions == 0
-        return rglru_gates(u, *self._gate_logits(u), self.recurrent_param, reset=reset)
+        return rglru_gates(u, *self._gate_logits(u), self.recurrent_param, reset=self._resets(positions))
 
     def sequence_forward(self, x: torch.Tensor, state: dict | None, positions=None):
         y_branch = self.linear_y(x)
         u, conv = causal_conv1d(self.linear_x(x), self.conv_weight, self.conv_bias, None,
                                 initial_state=None if state is None else state["conv"], output_final_state=True)
-        if rglru_fusable(u, y_branch, self.recurrent_param, self.input_gate_weight):
+        if native_inference_ok(u, y_branch, self.recurrent_param, self.input_gate_weight):
             # inference: gates, recurrence and the gelu output branch in one native pass
             out, last = native_rglru_forward(u, *self._gate_logits(u), self.recurrent_param, y_branch,
-                                             reset=None if positions is None else positions == 0,
+                                             reset=self._resets(positions),
                                              initial_state=None if state is None else state["h"])
             return self.linear_out(out), {"conv": conv, "h": last}
         y = F.gelu(y_branch, approximate="tanh")

@@ -17,6 +17,7 @@ recurrence's states are its outputs, so its backward needs no checkpoints.
 from __future__ import annotations
 
 import ctypes
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -34,14 +35,19 @@ _pool_size = 0
 
 def _library():
     lib = load_library("scan_kernels")
-    if lib is not None and lib.nl_scan_kernels_abi() != _ABI:
-        return None  # a library built from other sources than this module's argument lists
-    if lib is not None and not getattr(lib, "_nimblelm_typed", False):
-        for sfx in _SUFFIX.values():
-            for name in (f"nl_s6_forward_{sfx}", f"nl_s6_backward_{sfx}", f"nl_lr_forward_{sfx}",
-                         f"nl_lr_backward_{sfx}", f"nl_rglru_forward_{sfx}", f"nl_conv_forward_{sfx}"):
-                getattr(lib, name).restype = ctypes.c_int
-        lib._nimblelm_typed = True
+    return None if lib is None else _checked(lib, _ABI)
+
+
+@functools.lru_cache(maxsize=None)
+def _checked(lib: ctypes.CDLL, abi: int) -> ctypes.CDLL | None:
+    """``lib`` with its return types set, or None when it was built from other sources than
+    this module's argument lists (its ABI number differs from ``abi``). Once per library."""
+    if lib.nl_scan_kernels_abi() != abi:
+        return None
+    for sfx in _SUFFIX.values():
+        for name in ("nl_s6_forward", "nl_s6_backward", "nl_lr_forward", "nl_lr_backward", "nl_rglru_forward",
+                     "nl_conv_forward"):
+            getattr(lib, f"{name}_{sfx}").restype = ctypes.c_int
     return lib
 
 
@@ -134,6 +140,37 @@ class _NativeSelectiveScan(torch.autograd.Function):
                 g_h0.transpose(1, 2) if ctx.has_initial_state else None)
 
 
+def _check_native_selective(u, delta, A, Bmat, Cmat, D, z, initial_state) -> None:
+    """Shapes, as ``_check_selective`` plus the skip and gate the kernel fuses."""
+    _check_selective(u, delta, A, Bmat, Cmat, initial_state)
+    if D is not None and D.shape != (u.shape[2],):
+        raise ValueError(f"D must be [Dch={u.shape[2]}]; got {tuple(D.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z must be [B, T, Dch] = {tuple(u.shape)}; got {tuple(z.shape)}")
+
+
+def _selective_refusal(u, delta, A, Bmat, Cmat, D, z, initial_state) -> Exception | None:
+    """Why the native selective scan cannot run these inputs (the error to raise), or None."""
+    if u.device.type != "cpu" or not native_scan_available(u.dtype):
+        return RuntimeError(f"the native selective scan needs float32/float64 CPU tensors and a C compiler "
+                            f"(got {u.dtype} on {u.device}); use nimblelm.ops.native_scan.selective_scan")
+    tensors = [t for t in (u, delta, A, Bmat, Cmat, D, z, initial_state) if t is not None]
+    if any(t.dtype != u.dtype for t in tensors):
+        return ValueError(f"selective scan inputs must share one dtype; got {sorted({str(t.dtype) for t in tensors})}")
+    if bool((A > 0).any()):
+        return ValueError("the native selective scan needs A <= 0 (Mamba's A = -exp(A_log)); "
+                          "use chunk_selective_scan for other A")
+    return None
+
+
+def _native_selective(u, delta, A, Bmat, Cmat, D, z, initial_state, output_final_state):
+    """The kernel call, on inputs the callers have checked."""
+    if u.shape[1] == 0:
+        return chunk_selective_scan(u, delta, A, Bmat, Cmat, D, z, initial_state, output_final_state)
+    y, final = _NativeSelectiveScan.apply(u, delta, A, Bmat, Cmat, D, z, initial_state)
+    return y, (final if output_final_state else None)
+
+
 def native_selective_scan(u, delta, A, Bmat, Cmat, D=None, z=None, initial_state=None, output_final_state=False,
                           chunk_size=None):
     """Selective scan through the native kernel; contract of :func:`naive_selective_scan`.
@@ -144,34 +181,20 @@ def native_selective_scan(u, delta, A, Bmat, Cmat, D=None, z=None, initial_state
     unused. Raises RuntimeError when the kernel is unavailable for ``u.dtype`` (use
     :func:`selective_scan` to fall back automatically), ValueError for mixed dtypes or A > 0.
     """
-    _check_selective(u, delta, A, Bmat, Cmat, initial_state)
-    if u.device.type != "cpu" or not native_scan_available(u.dtype):
-        raise RuntimeError(f"the native selective scan needs float32/float64 CPU tensors and a C compiler "
-                           f"(got {u.dtype} on {u.device}); use nimblelm.ops.native_scan.selective_scan")
-    tensors = [t for t in (u, delta, A, Bmat, Cmat, D, z, initial_state) if t is not None]
-    if any(t.dtype != u.dtype for t in tensors):
-        raise ValueError(f"selective scan inputs must share one dtype; got {sorted({str(t.dtype) for t in tensors})}")
-    if D is not None and D.shape != (u.shape[2],):
-        raise ValueError(f"D must be [Dch={u.shape[2]}]; got {tuple(D.shape)}")
-    if z is not None and z.shape != u.shape:
-        raise ValueError(f"z must be [B, T, Dch] = {tuple(u.shape)}; got {tuple(z.shape)}")
-    if bool((A > 0).any()):
-        raise ValueError("the native selective scan needs A <= 0 (Mamba's A = -exp(A_log)); "
-                         "use chunk_selective_scan for other A")
-    if u.shape[1] == 0:
-        return chunk_selective_scan(u, delta, A, Bmat, Cmat, D, z, initial_state, output_final_state)
-    y, final = _NativeSelectiveScan.apply(u, delta, A, Bmat, Cmat, D, z, initial_state)
-    return y, (final if output_final_state else None)
+    _check_native_selective(u, delta, A, Bmat, Cmat, D, z, initial_state)
+    refusal = _selective_refusal(u, delta, A, Bmat, Cmat, D, z, initial_state)
+    if refusal is not None:
+        raise refusal
+    return _native_selective(u, delta, A, Bmat, Cmat, D, z, initial_state, output_final_state)
 
 
 def selective_scan(u, delta, A, Bmat, Cmat, D=None, z=None, initial_state=None, output_final_state=False,
                    chunk_size=64):
     """Fastest available selective scan: the native kernel on CPU when built (float32/float64,
     one dtype, A <= 0), else the chunked form."""
-    if (u.device.type == "cpu" and native_scan_available(u.dtype)
-            and all(t is None or t.dtype == u.dtype for t in (delta, A, Bmat, Cmat, D, z, initial_state))
-            and not bool((A > 0).any())):
-        return native_selective_scan(u, delta, A, Bmat, Cmat, D, z, initial_state, output_final_state)
+    if _selective_refusal(u, delta, A, Bmat, Cmat, D, z, initial_state) is None:
+        _check_native_selective(u, delta, A, Bmat, Cmat, D, z, initial_state)
+        return _native_selective(u, delta, A, Bmat, Cmat, D, z, initial_state, output_final_state)
     return chunk_selective_scan(u, delta, A, Bmat, Cmat, D, z, initial_state, output_final_state, chunk_size)
 
 
@@ -205,6 +228,24 @@ class _NativeLinearRecurrence(torch.autograd.Function):
         return gx, g_log_a, (g_h0 if ctx.has_initial_state else None)
 
 
+def _recurrence_refusal(x, log_a, initial_state) -> Exception | None:
+    """Why the native linear recurrence cannot run these inputs (the error to raise), or None."""
+    if x.device.type != "cpu" or not native_scan_available(x.dtype):
+        return RuntimeError(f"the native linear recurrence needs float32/float64 CPU tensors and a C compiler "
+                            f"(got {x.dtype} on {x.device}); use nimblelm.ops.native_scan.linear_recurrence")
+    if log_a.dtype != x.dtype or (initial_state is not None and initial_state.dtype != x.dtype):
+        return ValueError("linear recurrence inputs must share one dtype")
+    return None
+
+
+def _native_recurrence(x, log_a, initial_state, output_final_state):
+    """The kernel call, on inputs the callers have checked."""
+    if x.shape[1] == 0:
+        return scan_linear_recurrence(x, log_a, initial_state, output_final_state)
+    h, final = _NativeLinearRecurrence.apply(x, log_a, initial_state)
+    return h, (final if output_final_state else None)
+
+
 def native_linear_recurrence(x, log_a, initial_state=None, output_final_state=False, chunk_size=None):
     """``h_t = exp(log_a_t) h_{t-1} + x_t`` through the native kernel; contract of ``naive_linear_recurrence``.
 
@@ -213,22 +254,17 @@ def native_linear_recurrence(x, log_a, initial_state=None, output_final_state=Fa
     state [B, Dch] or None). Raises RuntimeError when the kernel is unavailable for ``x.dtype``.
     """
     _check_recurrence(x, log_a, initial_state)
-    if x.device.type != "cpu" or not native_scan_available(x.dtype):
-        raise RuntimeError(f"the native linear recurrence needs float32/float64 CPU tensors and a C compiler "
-                           f"(got {x.dtype} on {x.device}); use nimblelm.ops.native_scan.linear_recurrence")
-    if log_a.dtype != x.dtype or (initial_state is not None and initial_state.dtype != x.dtype):
-        raise ValueError("linear recurrence inputs must share one dtype")
-    if x.shape[1] == 0:
-        return scan_linear_recurrence(x, log_a, initial_state, output_final_state)
-    h, final = _NativeLinearRecurrence.apply(x, log_a, initial_state)
-    return h, (final if output_final_state else None)
+    refusal = _recurrence_refusal(x, log_a, initial_state)
+    if refusal is not None:
+        raise refusal
+    return _native_recurrence(x, log_a, initial_state, output_final_state)
 
 
 def linear_recurrence(x, log_a, initial_state=None, output_final_state=False, chunk_size=64):
     """Fastest available linear recurrence: native kernel on CPU when built, else the chunked scan."""
-    if (x.device.type == "cpu" and native_scan_available(x.dtype) and log_a.dtype == x.dtype
-            and (initial_state is None or initial_state.dtype == x.dtype)):
-        return native_linear_recurrence(x, log_a, initial_state, output_final_state)
+    if _recurrence_refusal(x, log_a, initial_state) is None:
+        _check_recurrence(x, log_a, initial_state)
+        return _native_recurrence(x, log_a, initial_state, output_final_state)
     return scan_linear_recurrence(x, log_a, initial_state, output_final_state, chunk_size)
 
 
@@ -242,12 +278,9 @@ def native_rglru_forward(x, gate_x, gate_a, a_param, y_branch=None, c=8.0, reset
     Returns (out [B, T, Dch], final state [B, Dch]). There is no backward: raises RuntimeError
     when a gradient is wanted or the kernel is unavailable for ``x.dtype``.
     """
-    tensors = [t for t in (x, gate_x, gate_a, a_param, y_branch, initial_state) if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        raise RuntimeError("native_rglru_forward has no backward; use rglru_gates + linear_recurrence for training")
-    if x.device.type != "cpu" or not native_scan_available(x.dtype) or any(t.dtype != x.dtype for t in tensors):
-        raise RuntimeError(f"native_rglru_forward needs float32/float64 CPU tensors of one dtype and a C compiler "
-                           f"(got {sorted({str(t.dtype) for t in tensors})} on {x.device})")
+    refusal = _inference_refusal("native_rglru_forward", x, gate_x, gate_a, a_param, y_branch, initial_state)
+    if refusal is not None:
+        raise refusal
     Bsz, T, Dch = x.shape
     for name, t in (("gate_x", gate_x), ("gate_a", gate_a), ("y_branch", y_branch)):
         if t is not None and t.shape != x.shape:
@@ -267,13 +300,23 @@ def native_rglru_forward(x, gate_x, gate_a, a_param, y_branch=None, c=8.0, reset
     return out, last
 
 
-def rglru_fusable(*tensors: torch.Tensor) -> bool:
-    """True when :func:`native_rglru_forward` can run on these tensors (no gradient wanted)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    first = tensors[0]
-    return (first.device.type == "cpu" and native_scan_available(first.dtype)
-            and all(t.dtype == first.dtype for t in tensors))
+def _inference_refusal(name: str, *tensors: torch.Tensor | None) -> Exception | None:
+    """Why an inference-only kernel cannot run on these tensors (the error to raise), or None."""
+    present = [t for t in tensors if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return RuntimeError(f"{name} has no backward; training runs the PyTorch forms")
+    first = present[0]
+    if first.device.type != "cpu" or not native_scan_available(first.dtype) or any(
+            t.dtype != first.dtype for t in present):
+        return RuntimeError(f"{name} needs float32/float64 CPU tensors of one dtype and a C compiler "
+                            f"(got {sorted({str(t.dtype) for t in present})} on {first.device})")
+    return None
+
+
+def native_inference_ok(*tensors: torch.Tensor | None) -> bool:
+    """True when the inference-only kernels (:func:`native_rglru_forward`,
+    :func:`native_conv1d_forward`) can run on these tensors: no gradient wanted, one dtype."""
+    return _inference_refusal("", *tensors) is None
 
 
 def native_conv1d_forward(x, weight, bias=None, activation=None, state=None):
@@ -281,7 +324,7 @@ def native_conv1d_forward(x, weight, bias=None, activation=None, state=None):
 
     x: [B, T, C]; weight: [C, K]; bias: [C] or None; activation: 'silu' / 'swish' or None;
     state: [B, C, K-1] (zeros when None), as :func:`~nimblelm.ops.short_conv.causal_conv1d`.
-    Returns y [B, T, C]. Callers check :func:`conv_fusable` first (no gradient, one dtype).
+    Returns y [B, T, C]. Callers check :func:`native_inference_ok` first.
     """
     Bsz, T, C = x.shape
     K = weight.shape[1]
@@ -295,13 +338,3 @@ def native_conv1d_forward(x, weight, bias=None, activation=None, state=None):
     args += [_ptr(y)] + _sizes(Bsz, T, C, K)
     _run(kernel, lambda i: args, _channel_ranges(C))
     return y
-
-
-def conv_fusable(*tensors: torch.Tensor | None) -> bool:
-    """True when :func:`native_conv1d_forward` can run on these tensors (no gradient wanted)."""
-    present = [t for t in tensors if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
-        return False
-    first = present[0]
-    return (first.device.type == "cpu" and native_scan_available(first.dtype)
-            and all(t.dtype == first.dtype for t in present))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .native_scan import conv_fusable, native_conv1d_forward
+from .native_scan import native_conv1d_forward, native_inference_ok
 
 
 def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -61,21 +61,19 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, out
     Returns (y [B, T, C], final state [B, C, K-1] or None).
 
     Without gradients the native kernel (``ops.native_scan.native_conv1d_forward``) does it in
-    one pass where it is built. Staying in [B, T, C] avoids the two transposing copies an ``F.conv1d`` over [B, C, T]
-    needs (measured: 2-3x slower at T=2048, C=1288 on one CPU thread); the taps are made
+    one pass where it is built. Staying in [B, T, C] avoids the two transposing copies an
+    ``F.conv1d`` over [B, C, T] needs (measured: 2-3x slower at T=2048, C=1288 on one CPU thread); the taps are made
     contiguous first (a strided [C] operand makes each multiply ~4x slower).
     """
     state = _initial_state(x, weight, initial_state)  # [B, C, K-1]
     T, K = x.shape[1], weight.shape[1]
-    if T > 0 and activation in (None, "silu", "swish") and conv_fusable(x, weight, bias, initial_state):
+    if T > 0 and activation in (None, "silu", "swish") and native_inference_ok(x, weight, bias, initial_state):
         # inference: the native kernel reads every input once (no timeline copy, no K passes)
         y = native_conv1d_forward(x, weight, bias, activation, initial_state)
-        final = None
-        if output_final_state:  # the last K-1 inputs, from the state when T < K-1
-            tail = x[:, max(0, T - (K - 1)):]
-            final = torch.cat([state.transpose(1, 2), tail], dim=1)[:, -(K - 1):] if K > 1 else tail[:, :0]
-            final = final.transpose(1, 2).contiguous()
-        return y, final
+        if not output_final_state:
+            return y, None
+        recent = torch.cat([state, x[:, max(0, T - (K - 1)):].transpose(1, 2)], dim=2)  # [B, C, <= 2(K-1)]
+        return y, _last_inputs(recent, K).contiguous()  # the last K-1 inputs, from the state when T < K-1
     timeline = torch.cat([state.transpose(1, 2), x], dim=1)  # [B, K-1+T, C]
     final = timeline[:, T:].transpose(1, 2).contiguous() if output_final_state else None  # [B, C, K-1]
     if T == 0:
