@@ -120,10 +120,13 @@ class LanguageModel(nn.Module):
             cache.commit()
         hidden = self.norm(x)
         kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
-        logits = self._head_logits(kept)
-        if self.config.logit_softcap is not None:
-            logits = torch.tanh(logits / self.config.logit_softcap) * self.config.logit_softcap
+        logits = self.softcap_logits(self._head_logits(kept))
         return ModelOutput(logits=logits, hidden=hidden, aux_loss=aux_total)
+
+    def softcap_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``cap * tanh(logits / cap)`` with ``config.logit_softcap`` (identity without one)."""
+        cap = self.config.logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, T, D] -> logits [B, T, V]. Without autograd, multiplies by a cached

@@ -43,15 +43,7 @@ def target_logits(target, hidden: torch.Tensor) -> torch.Tensor:
     logit soft-cap). Differentiable w.r.t. ``hidden``; the head itself stays frozen."""
     shape = hidden.shape
     logits = target._head_logits(hidden.reshape(1, -1, shape[-1])).reshape(*shape[:-1], -1)
-    return softcap(target, logits)
-
-
-def softcap(target, logits: torch.Tensor) -> torch.Tensor:
-    """The target's logit soft-cap (identity without one)."""
-    cap = target.config.logit_softcap
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    return target.softcap_logits(logits)
 
 
 class DraftLogProbs:
@@ -82,7 +74,7 @@ class DraftLogProbs:
         """hidden [F, D] -> float64 log-probabilities [F, V], or over the draft vocabulary."""
         if self.vocab_ids is None:
             return target_logits(self.target, hidden).double().log_softmax(-1)
-        sub = softcap(self.target, hidden @ self.head_t).double().log_softmax(-1)  # [F, V_draft]
+        sub = self.target.softcap_logits(hidden @ self.head_t).double().log_softmax(-1)  # [F, V_draft]
         return SubsetLogProbs(sub, self.vocab_ids, self.target.config.vocab_size)
 
 
