@@ -49,6 +49,12 @@ class Block(nn.Module):
         return x, state, aux
 
 
+def apply_logit_softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``cap * tanh(logits / cap)`` (Gemma-2's logit soft-cap); identity when ``cap`` is None.
+    Shared by the model and by draft heads that reuse a target's LM head."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 class LanguageModel(nn.Module):
     """Causal LM. ``model(tokens)`` -> :class:`ModelOutput`; see :meth:`forward`."""
 
@@ -120,13 +126,8 @@ class LanguageModel(nn.Module):
             cache.commit()
         hidden = self.norm(x)
         kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
-        logits = self.softcap_logits(self._head_logits(kept))
+        logits = apply_logit_softcap(self._head_logits(kept), self.config.logit_softcap)
         return ModelOutput(logits=logits, hidden=hidden, aux_loss=aux_total)
-
-    def softcap_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """``cap * tanh(logits / cap)`` with ``config.logit_softcap`` (identity without one)."""
-        cap = self.config.logit_softcap
-        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, T, D] -> logits [B, T, V]. Without autograd, multiplies by a cached

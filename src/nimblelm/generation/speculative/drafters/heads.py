@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ....errors import GenerationError
+from ....models.lm import apply_logit_softcap
 from ..tree import DraftTree
 from .dynamic_tree import SubsetLogProbs, top_children
 
@@ -43,7 +44,7 @@ def target_logits(target, hidden: torch.Tensor) -> torch.Tensor:
     logit soft-cap). Differentiable w.r.t. ``hidden``; the head itself stays frozen."""
     shape = hidden.shape
     logits = target._head_logits(hidden.reshape(1, -1, shape[-1])).reshape(*shape[:-1], -1)
-    return target.softcap_logits(logits)
+    return apply_logit_softcap(logits, target.config.logit_softcap)
 
 
 class DraftLogProbs:
@@ -74,7 +75,7 @@ class DraftLogProbs:
         """hidden [F, D] -> float64 log-probabilities [F, V], or over the draft vocabulary."""
         if self.vocab_ids is None:
             return target_logits(self.target, hidden).double().log_softmax(-1)
-        sub = self.target.softcap_logits(hidden @ self.head_t).double().log_softmax(-1)  # [F, V_draft]
+        sub = apply_logit_softcap(hidden @ self.head_t, self.target.config.logit_softcap).double().log_softmax(-1)  # [F, V_draft]
         return SubsetLogProbs(sub, self.vocab_ids, self.target.config.vocab_size)
 
 
