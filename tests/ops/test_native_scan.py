@@ -12,20 +12,11 @@ from nimblelm.ops import native_scan
 from nimblelm.ops.native_scan import linear_recurrence, native_linear_recurrence, native_selective_scan, selective_scan
 from nimblelm.ops.scan import chunk_selective_scan, naive_linear_recurrence, naive_selective_scan
 
+from ..threads_util import with_threads
 from .test_scan import DTYPES, assert_close, outputs_and_grads, recurrence_inputs, selective_inputs
 
 if build._compiler() is None or not build.native_enabled():
     pytest.skip("no C compiler (or NIMBLELM_NATIVE=0): the native kernels are not built", allow_module_level=True)
-
-
-def with_threads(threads: int, fn):
-    """fn() with torch using ``threads`` intra-op threads (the kernels split channels across them)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(old)
 
 
 def assert_native_matches_naive(native, naive, inputs, cotangents, dtype, threads=1):

@@ -17,38 +17,22 @@ recurrence's states are its outputs, so its backward needs no checkpoints.
 from __future__ import annotations
 
 import ctypes
-import functools
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from ..native import load_library
+from ..native.calls import checked_library, even_ranges, int64s, ptr, run_split
 from .scan import _check_recurrence, _check_selective, chunk_selective_scan, scan_linear_recurrence
 
 _CHECKPOINT = 32  # steps between stored states; the backward's recompute buffer is (32+1) x N x 64
 _BLOCK = 64  # channels per kernel block (BLOCK in scan_kernels.c); thread splits align to it
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _ABI = 3  # must equal nl_scan_kernels_abi() in scan_kernels.c: the argument lists below match it
-_pool: ThreadPoolExecutor | None = None  # shared by every kernel call that splits channels
-_pool_size = 0
+_FUNCTIONS = [f"{name}_{sfx}" for sfx in _SUFFIX.values() for name in (
+    "nl_s6_forward", "nl_s6_backward", "nl_lr_forward", "nl_lr_backward", "nl_rglru_forward", "nl_conv_forward")]
 
 
 def _library():
-    lib = load_library("scan_kernels")
-    return None if lib is None else _checked(lib, _ABI)
-
-
-@functools.lru_cache(maxsize=None)
-def _checked(lib: ctypes.CDLL, abi: int) -> ctypes.CDLL | None:
-    """``lib`` with its return types set, or None when it was built from other sources than
-    this module's argument lists (its ABI number differs from ``abi``). Once per library."""
-    if lib.nl_scan_kernels_abi() != abi:
-        return None
-    for sfx in _SUFFIX.values():
-        for name in ("nl_s6_forward", "nl_s6_backward", "nl_lr_forward", "nl_lr_backward", "nl_rglru_forward",
-                     "nl_conv_forward"):
-            getattr(lib, f"{name}_{sfx}").restype = ctypes.c_int
-    return lib
+    return checked_library("scan_kernels", _ABI, _FUNCTIONS)
 
 
 def native_scan_available(dtype: torch.dtype = torch.float32) -> bool:
@@ -56,39 +40,14 @@ def native_scan_available(dtype: torch.dtype = torch.float32) -> bool:
     return dtype in _SUFFIX and _library() is not None
 
 
-def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
-
-
 def _channel_ranges(Dch: int) -> list[tuple[int, int]]:
     """Split channels into at most ``torch.get_num_threads()`` ranges aligned to _BLOCK."""
-    blocks = -(-Dch // _BLOCK)
-    parts = max(1, min(torch.get_num_threads(), blocks))
-    cuts = [Dch if i == parts else min(Dch, (blocks * i // parts) * _BLOCK) for i in range(parts + 1)]
-    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+    return even_ranges(Dch, _BLOCK)
 
 
 def _run(kernel, make_args, ranges: list[tuple[int, int]]) -> None:
     """Call ``kernel(*make_args(i), d0, d1)`` for every channel range i, in parallel when several."""
-    global _pool, _pool_size
-
-    def call(i: int) -> int:
-        d0, d1 = ranges[i]
-        return kernel(*make_args(i), ctypes.c_int64(d0), ctypes.c_int64(d1))
-
-    if len(ranges) == 1:
-        codes = [call(0)]
-    else:
-        if _pool is None or _pool_size < len(ranges):
-            _pool = ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="nimblelm-scan")
-            _pool_size = len(ranges)
-        codes = list(_pool.map(call, range(len(ranges))))
-    if any(codes):
-        raise MemoryError("native scan: the kernel could not allocate its work buffers")
-
-
-def _sizes(*sizes: int) -> list[ctypes.c_int64]:
-    return [ctypes.c_int64(v) for v in sizes]
+    run_split(kernel, make_args, ranges, "native scan")
 
 
 def _optional(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -111,7 +70,7 @@ class _NativeSelectiveScan(torch.autograd.Function):
         y = torch.empty_like(u)
         hs = u.new_empty(Bsz, -(-T // _CHECKPOINT) + 1, N, Dch)  # states every _CHECKPOINT steps + final
         kernel = getattr(_library(), f"nl_s6_forward_{_SUFFIX[u.dtype]}")
-        args = [_ptr(t) for t in (u, delta, At, Bmat, Cmat, D, z, h0, y, hs)] + _sizes(Bsz, T, Dch, N, _CHECKPOINT)
+        args = [ptr(t) for t in (u, delta, At, Bmat, Cmat, D, z, h0, y, hs)] + int64s(Bsz, T, Dch, N, _CHECKPOINT)
         _run(kernel, lambda i: args, _channel_ranges(Dch))
         ctx.save_for_backward(u, delta, At, Bmat, Cmat, D, z, hs)
         ctx.has_initial_state = initial_state is not None
@@ -133,9 +92,9 @@ class _NativeSelectiveScan(torch.autograd.Function):
         gB = u.new_zeros(len(ranges), Bsz, T, N)  # per-range partial sums over channels
         gC = u.new_zeros(len(ranges), Bsz, T, N)
         kernel = getattr(_library(), f"nl_s6_backward_{_SUFFIX[u.dtype]}")
-        shared = [_ptr(t) for t in (u, delta, At, Bmat, Cmat, D, z, hs, grad_y, g_final, gu, g_delta, gA, gD, gz)]
-        sizes = _sizes(Bsz, T, Dch, N, _CHECKPOINT)
-        _run(kernel, lambda i: shared + [_ptr(gB[i]), _ptr(gC[i]), _ptr(g_h0)] + sizes, ranges)
+        shared = [ptr(t) for t in (u, delta, At, Bmat, Cmat, D, z, hs, grad_y, g_final, gu, g_delta, gA, gD, gz)]
+        sizes = int64s(Bsz, T, Dch, N, _CHECKPOINT)
+        _run(kernel, lambda i: shared + [ptr(gB[i]), ptr(gC[i]), ptr(g_h0)] + sizes, ranges)
         return (gu, g_delta, gA.sum(0).t(), gB.sum(0), gC.sum(0), gD.sum(0) if gD is not None else None, gz,
                 g_h0.transpose(1, 2) if ctx.has_initial_state else None)
 
@@ -208,7 +167,7 @@ class _NativeLinearRecurrence(torch.autograd.Function):
         h0 = initial_state.contiguous() if initial_state is not None else x.new_zeros(Bsz, Dch)
         h = torch.empty_like(x)
         kernel = getattr(_library(), f"nl_lr_forward_{_SUFFIX[x.dtype]}")
-        args = [_ptr(t) for t in (x, log_a, h0, h)] + _sizes(Bsz, T, Dch)
+        args = [ptr(t) for t in (x, log_a, h0, h)] + int64s(Bsz, T, Dch)
         _run(kernel, lambda i: args, _channel_ranges(Dch))
         ctx.save_for_backward(log_a, h0, h)
         ctx.has_initial_state = initial_state is not None
@@ -223,7 +182,7 @@ class _NativeLinearRecurrence(torch.autograd.Function):
         g_final = grad_final.contiguous() if grad_final is not None else None
         gx, g_log_a, g_h0 = torch.empty_like(h), torch.empty_like(h), h.new_empty(Bsz, Dch)
         kernel = getattr(_library(), f"nl_lr_backward_{_SUFFIX[h.dtype]}")
-        args = [_ptr(t) for t in (log_a, h0, h, grad_h, g_final, gx, g_log_a, g_h0)] + _sizes(Bsz, T, Dch)
+        args = [ptr(t) for t in (log_a, h0, h, grad_h, g_final, gx, g_log_a, g_h0)] + int64s(Bsz, T, Dch)
         _run(kernel, lambda i: args, _channel_ranges(Dch))
         return gx, g_log_a, (g_h0 if ctx.has_initial_state else None)
 
@@ -294,8 +253,8 @@ def native_rglru_forward(x, gate_x, gate_a, a_param, y_branch=None, c=8.0, reset
     out, last = torch.empty_like(x), x.new_empty(Bsz, Dch)
     kernel = getattr(_library(), f"nl_rglru_forward_{_SUFFIX[x.dtype]}")
     real = ctypes.c_float if x.dtype == torch.float32 else ctypes.c_double
-    args = [_ptr(t) for t in (x, gate_x, gate_a, softplus, flags, h0, y_branch)] + [real(c), _ptr(out), _ptr(last)]
-    args += _sizes(Bsz, T, Dch)
+    args = [ptr(t) for t in (x, gate_x, gate_a, softplus, flags, h0, y_branch)] + [real(c), ptr(out), ptr(last)]
+    args += int64s(Bsz, T, Dch)
     _run(kernel, lambda i: args, _channel_ranges(Dch))
     return out, last
 
@@ -334,7 +293,7 @@ def native_conv1d_forward(x, weight, bias=None, activation=None, state=None):
     state_tm = state.transpose(1, 2).contiguous() if state is not None and K > 1 else None  # [B, K-1, C]
     y = torch.empty_like(x)
     kernel = getattr(_library(), f"nl_conv_forward_{_SUFFIX[x.dtype]}")
-    args = [_ptr(t) for t in (x, taps, bias, state_tm)] + _sizes(int(activation is not None))
-    args += [_ptr(y)] + _sizes(Bsz, T, C, K)
+    args = [ptr(t) for t in (x, taps, bias, state_tm)] + int64s(int(activation is not None))
+    args += [ptr(y)] + int64s(Bsz, T, C, K)
     _run(kernel, lambda i: args, _channel_ranges(C))
     return y
