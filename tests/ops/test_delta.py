@@ -80,6 +80,25 @@ def test_forms_agree_float64(form, T, chunk_size, gated):
         assert_close(grads[name], g_ref[name], atol=1e-10, rtol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("gates", ["wide", "deep_start", "mixed"])
+def test_gated_chunk_decay_paths_float64(gates):
+    """Gated decays enter the chunk products through gla's reference point: chunks spanning
+    more than its safe range (sub-chunked scores), chunks opening with a -60 step (reference
+    point below -40: exact decays) and mild chunks, alone and mixed, all equal the naive loop."""
+    x = make_inputs(T=70, g_range=(-20.0, -5.0) if gates == "wide" else (-0.5, 0.0))
+    with torch.no_grad():
+        if gates == "deep_start":
+            x["g"][:, 32] = -60.0
+        if gates == "mixed":
+            x["g"][:, 48:] *= 40.0
+    o_ref, S_ref, g_ref = outputs_and_grads("naive", x)
+    o, S, grads = outputs_and_grads("chunk", x, chunk_size=16)
+    assert_close(o, o_ref, atol=1e-10, rtol=1e-10)
+    assert_close(S, S_ref, atol=1e-10, rtol=1e-10)
+    for name in g_ref:
+        assert_close(grads[name], g_ref[name], atol=1e-10, rtol=1e-10, msg=name)
+
+
 @pytest.mark.parametrize("gated", [True, False])
 def test_forms_agree_float32(gated):
     x = make_inputs(B=2, T=150, H=2, Dk=16, Dv=16, dtype=torch.float32, gated=gated)

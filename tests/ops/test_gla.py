@@ -156,6 +156,44 @@ def test_per_dim_paths(gates, monkeypatch):
         assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+def deep_start_gate(mode, shape, T, chunk=16, start=32):
+    """Mild random log-decays with one step of -60 opening the chunk at `start`: that chunk
+    spans little but its reference point lies below -40."""
+    shape = shape[:3] if mode == "scalar" else shape
+    gate = torch.rand(shape, dtype=torch.float64) * -0.5
+    gate[:, start] = -60.0
+    return gate
+
+
+@pytest.mark.parametrize("mode", ["scalar", "per_dim"])
+def test_chunk_opening_with_a_deep_decay(mode):
+    """Chunks whose reference point lies below -40 take their q / k decays from the
+    exponentials, the others from the reference products; all equal the naive loop."""
+    qkv, _, state = make_inputs("none", T=70, Dk=4)
+    gate = {"g" if mode == "scalar" else "gk": deep_start_gate(mode, qkv[0].shape, 70)}
+    ref, ref_grads = run_with_grads(naive_gla, qkv, gate, state)
+    got, grads = run_with_grads(chunk_gla, qkv, gate, state, chunk_size=16, sub_chunk_size=4)
+    for a, b in zip(got + grads, ref + ref_grads):
+        assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["scalar", "per_dim"])
+def test_chunk_local_keeps_float32_decays_normal(mode):
+    """In float32 the reference products q_ref e^r would be subnormal (slow) for a chunk
+    starting at log-decay -100: that chunk's decayed q and k are the exponentials' (floored
+    at 1e-19, never subnormal)."""
+    q, k, v = (torch.randn(1, 64, 2, 8) for _ in range(3))
+    gate = deep_start_gate(mode, q.shape, 64, start=16).float()
+    gate[:, 16] = -100.0
+    a_log = gate[..., None] if mode == "scalar" else gate
+    qc, kc, vc = (gla._to_chunks(x, 4, 16) for x in (q, k, v))
+    b = gla._to_chunks(a_log, 4, 16).cumsum(-2)
+    _, q_in, _ = gla._chunk_local(qc, kc, vc, b, 4)
+    tiny = torch.finfo(torch.float32).tiny
+    assert not ((q_in != 0) & (q_in.abs() < tiny)).any()
+    assert torch.allclose(q_in, qc * gla.exp_decay(b), rtol=1e-5, atol=0)
+
+
 def test_per_dim_one_reference_float32_at_the_safe_limit():
     """A decay span just under _SAFE_RANGE per chunk (one reference point) is accurate in fp32."""
     qkv, _, state = make_inputs("none", B=1, T=256, H=2, Dk=16, Dv=16)

@@ -23,6 +23,9 @@ import math
 import torch
 from torch import Tensor
 
+from .gla import causal_mask, decayed_causal_scores, exp_decay
+from .triangular import unit_lower_solve
+
 __all__ = ["naive_delta_rule", "chunk_delta_rule", "step_delta_rule"]
 
 
@@ -78,17 +81,6 @@ def step_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | N
     return o[:, None], S
 
 
-def _safe_exp(x: Tensor, mask: Tensor | None = None) -> Tensor:
-    """exp(x) for x <= 0, with x first clamped to [half the log of the smallest normal
-    float, 0] (exp >= ~1e-19 in fp32, ~1e-154 in fp64: far below the dtype's resolution next
-    to O(1) terms, and no denormals, which slow CPUs 3-4x); 0 outside `mask`. The mask is
-    applied after the exponential: every argument is finite, so nothing overflows (the masked
-    entries may hold large positive x) and no gradient is NaN, and exp(-inf) would take CPU
-    exp's slow path for half of a [C, C] block."""
-    w = x.clamp(0.5 * math.log(torch.finfo(x.dtype).tiny), 0.0).exp()
-    return w if mask is None else w * mask.to(w.dtype)
-
-
 def _to_chunks(x: Tensor, pad: int, C: int) -> Tensor:
     """[B,T,H,*D] -> [N,B,H,C,*D] (chunk index first), zero-padding T by `pad` steps."""
     if pad:
@@ -109,21 +101,18 @@ def _chunk_terms(q, k, v, beta, g, scale):
     """
     if g is None:
         return _chunk_terms_ungated(q, k, v, beta, scale)
-    C = q.shape[-2]
     gam = g.cumsum(-1)  # [N,B,H,C]
-    diff = gam[..., :, None] - gam[..., None, :]  # gam_i - gam_j, [N,B,H,C,C]
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    # mask BEFORE exp: the upper triangle holds large positive differences
-    decay = _safe_exp(diff, causal)  # [N,B,H,C,C], <= 1
-    A = (((beta[..., None] * k) @ k.transpose(-1, -2)) * decay).tril(-1)  # [N,B,H,C,C]
-    eye = torch.eye(C, dtype=q.dtype, device=q.device)
-    gam_exp = _safe_exp(gam)  # decay from the chunk start, [N,B,H,C]
-    rhs = torch.cat([beta[..., None] * v, (beta * gam_exp)[..., None] * k], dim=-1)
-    sol = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
+    b = gam[..., None]  # [N,B,H,C,1]: decays enter the products through q, k (gla's reference point)
+    bk = beta[..., None] * k  # [N,B,H,C,Dk]
+    A = decayed_causal_scores(bk, k, b)  # [N,B,H,C,C], strictly lower part used
+    gam_exp = exp_decay(gam)  # decay from the chunk start, [N,B,H,C]
+    rhs = torch.cat([beta[..., None] * v, gam_exp[..., None] * bk], dim=-1)
+    sol = unit_lower_solve(A, rhs)  # (I + strictly_lower(A))^-1 rhs
     u, w = sol.split([v.shape[-1], k.shape[-1]], dim=-1)  # [N,B,H,C,Dv], [N,B,H,C,Dk]
-    attn = ((q * scale) @ k.transpose(-1, -2)) * decay  # [N,B,H,C,C], lower incl. diag
-    q_in = q * (gam_exp * scale)[..., None]  # reads S_0, [N,B,H,C,Dk]
-    k_out = k * _safe_exp(gam[..., -1:] - gam)[..., None]  # writes S_C, [N,B,H,C,Dk]
+    q = q * scale
+    attn = decayed_causal_scores(q, k, b)  # [N,B,H,C,C], lower incl. diag
+    q_in = q * gam_exp[..., None]  # reads S_0, [N,B,H,C,Dk]
+    k_out = k * exp_decay(gam[..., -1:] - gam)[..., None]  # writes S_C, [N,B,H,C,Dk]
     chunk_decay = gam_exp[..., -1]  # [N,B,H]
     return u, w, attn, q_in, k_out, chunk_decay
 
@@ -145,24 +134,33 @@ def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | 
     bc = _to_chunks(beta.to(q.dtype), pad, C)  # [N,B,H,C]
     gc = None if g is None else _to_chunks(g.to(q.dtype), pad, C)  # no gate: no decays to compute
     u, w, attn, q_in, k_out, chunk_decay = _chunk_terms(qc, kc, vc, bc, gc, scale)
-    outs = []
-    for n in range(u.shape[0]):
-        d = u[n] - w[n] @ S  # [B,H,C,Dv]
-        outs.append(q_in[n] @ S + attn[n] @ d)  # [B,H,C,Dv]
-        decayed = S if chunk_decay is None else chunk_decay[n, ..., None, None] * S
-        S = decayed + k_out[n].transpose(-1, -2) @ d
-    o = torch.stack(outs, dim=1)  # [B,N,H,C,Dv]
-    o = o.transpose(2, 3).reshape(B, -1, H, o.shape[-1])[:, :T]  # [B,T,H,Dv]
+    # only the state carry is sequential: d_n = u_n - w_n S_n, S_{n+1} = a_n S_n + k_out_n^T d_n,
+    # on [B*H, ...] matrices so each is one fused baddbmm
+    N, Dk, Dv = u.shape[0], q.shape[-1], v.shape[-1]
+    u3, w3 = u.flatten(1, 2), w.flatten(1, 2)  # [N,B*H,C,Dv], [N,B*H,C,Dk]
+    k_out_t = k_out.flatten(1, 2).transpose(-1, -2)  # [N,B*H,Dk,C]
+    decay = None if chunk_decay is None else chunk_decay.reshape(N, B * H, 1, 1)
+    S3 = S.reshape(B * H, Dk, Dv)
+    states, corrections = [], []
+    for n in range(N):
+        states.append(S3)
+        d = torch.baddbmm(u3[n], w3[n], S3, alpha=-1)  # [B*H,C,Dv]
+        corrections.append(d)
+        S3 = torch.baddbmm(S3 if decay is None else S3 * decay[n], k_out_t[n], d)
+    S = S3.reshape(B, H, Dk, Dv)
+    # outputs of all chunks at once: o_n = q_in_n S_n + attn_n d_n
+    o = q_in.flatten(0, 2) @ torch.stack(states).flatten(0, 1)  # [N*B*H,C,Dv]
+    o = o.baddbmm_(attn.flatten(0, 2), torch.stack(corrections).flatten(0, 1)).unflatten(0, (N, B, H))
+    o = o.permute(1, 0, 3, 2, 4).reshape(B, -1, H, o.shape[-1])[:, :T]  # [B,T,H,Dv]
     return o, (S if output_final_state else None)
 
 
 def _chunk_terms_ungated(q, k, v, beta, scale):
     """`_chunk_terms` without a gate (plain DeltaNet): the same solve with every decay 1."""
-    C = q.shape[-2]
-    eye = torch.eye(C, dtype=q.dtype, device=q.device)
-    A = ((beta[..., None] * k) @ k.transpose(-1, -2)).tril(-1)  # [N,B,H,C,C]
-    rhs = torch.cat([beta[..., None] * v, beta[..., None] * k], dim=-1)
-    sol = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
+    bk = beta[..., None] * k  # [N,B,H,C,Dk]
+    A = bk @ k.transpose(-1, -2)  # [N,B,H,C,C], strictly lower part used
+    sol = unit_lower_solve(A, torch.cat([beta[..., None] * v, bk], dim=-1))  # (I + strictly_lower(A))^-1 rhs
     u, w = sol.split([v.shape[-1], k.shape[-1]], dim=-1)  # [N,B,H,C,Dv], [N,B,H,C,Dk]
-    attn = ((q * scale) @ k.transpose(-1, -2)).tril()  # [N,B,H,C,C], lower incl. diag
-    return u, w, attn, q * scale, k, None
+    q = q * scale
+    attn = (q @ k.transpose(-1, -2)) * causal_mask(q.shape[-2], q)  # [N,B,H,C,C], lower incl. diag
+    return u, w, attn, q, k, None

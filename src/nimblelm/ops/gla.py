@@ -39,12 +39,14 @@ the inputs' dtype.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["naive_gla", "chunk_gla", "step_gla", "retnet_log_decay"]
+__all__ = ["naive_gla", "chunk_gla", "step_gla", "retnet_log_decay", "decayed_causal_scores", "exp_decay",
+           "causal_mask"]
 
 State = Tensor | tuple[Tensor, Tensor]
 
@@ -120,7 +122,7 @@ def _recurrent_step(S: Tensor, z: Tensor | None, q: Tensor, k: Tensor, v: Tensor
     return o, S, z
 
 
-def _exp_decay(x: Tensor, keep: Tensor | None = None) -> Tensor:
+def exp_decay(x: Tensor, keep: Tensor | None = None) -> Tensor:
     """exp(x) for log-decays x <= 0 (clamped there), and exactly 0 where `keep` is False.
 
     Decays below sqrt(smallest normal number) (1e-19 in float32, 1e-154 in float64) are
@@ -130,6 +132,12 @@ def _exp_decay(x: Tensor, keep: Tensor | None = None) -> Tensor:
     floor = 0.5 * math.log(torch.finfo(x.dtype).tiny)  # -43.7 in float32, -354.2 in float64
     w = x.clamp(floor, 0.0).exp()  # finite, so multiplying by the mask is safe (and fast)
     return w if keep is None else w * keep.to(w.dtype)
+
+
+def causal_mask(C: int, like: Tensor) -> Tensor:
+    """[C, C] lower triangle (diagonal included) of ones in ``like``'s dtype and device:
+    multiplying by it is 3-4x faster than ``tril()`` on CPU and differentiable."""
+    return torch.ones(C, C, dtype=torch.bool, device=like.device).tril().to(like.dtype)
 
 
 # ----------------------------------------------------------------------------- naive + step
@@ -207,7 +215,7 @@ def _to_chunks(x: Tensor, N: int, C: int) -> Tensor:
     B, T, H, D = x.shape
     if N * C > T:
         x = F.pad(x, (0, 0, 0, 0, 0, N * C - T))  # [B, N*C, H, D]
-    return x.reshape(B, N, C, H, D).permute(0, 3, 1, 2, 4)
+    return x.reshape(B, N, C, H, D).permute(0, 3, 1, 2, 4).contiguous()
 
 
 def _chunk_core(q: Tensor, k: Tensor, v: Tensor, a_log: Tensor | None, S0: Tensor,
@@ -221,9 +229,9 @@ def _chunk_core(q: Tensor, k: Tensor, v: Tensor, a_log: Tensor | None, S0: Tenso
     b = None if a_log is None else _to_chunks(a_log, N, C).cumsum(-2)  # [B,H,N,C,1|Dk]
     o, q_in, U = _chunk_local(qc, kc, vc, b, sub)
     # o [B,H,N,C,Dv] intra-chunk part, q_in [B,H,N,C,Dk], U [B,H,N,Dk,Dv]
-    decay = None if b is None else _exp_decay(b[..., -1, :])  # [B,H,N,1|Dk] over a whole chunk
+    decay = None if b is None else exp_decay(b[..., -1, :])  # [B,H,N,1|Dk] over a whole chunk
     S_prev, S = _carry_states(S0, U, decay)  # [B,H,N,Dk,Dv] state entering each chunk
-    o = o + q_in @ S_prev  # [B,H,N,C,Dv]
+    o = o.flatten(0, 2).baddbmm_(q_in.flatten(0, 2), S_prev.flatten(0, 2)).view(o.shape)  # += q_in S_prev
     o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, -1)[:, :T]  # [B,T,H,Dv]
     return o, S
 
@@ -234,11 +242,21 @@ def _chunk_local(q: Tensor, k: Tensor, v: Tensor, b: Tensor | None,
     Returns (intra-chunk output [B,H,N,C,Dv], q decayed from the chunk start [B,H,N,C,Dk],
     each chunk's own state contribution U = sum_s (k_s decayed to the chunk end)^T v_s
     [B,H,N,Dk,Dv])."""
-    o = _intra_scores(q, k, b, sub) @ v
     if b is None:
-        return o, q, k.transpose(-1, -2) @ v
-    last = b[..., -1:, :]  # [B,H,N,1,1|Dk] cumulative log-decay of the whole chunk
-    return o, q * _exp_decay(b), (k * _exp_decay(last - b)).transpose(-1, -2) @ v
+        return _intra_scores(q, k, b, sub) @ v, q, k.transpose(-1, -2) @ v
+    ref = _scored_references(q, k, b, sub)
+    # q e^b = q_ref e^r and k e^(last - b) = k_ref e^(last - r): one product each, exact where
+    # the reference form is (chunks not wide, r >= -40, so no factor or product leaves
+    # float32's normal range); the other chunks take the exponentials
+    last = b[..., -1:, :]  # [B,H,N,1,1|Dk] cumulative log-decay of the whole chunk (its minimum)
+    q_in = ref.q_ref * ref.r.exp()
+    k_out = ref.k_ref * (last - ref.r).exp()
+    exact = ref.wide | (ref.r < -_SAFE_RANGE / 2).flatten(-2).any(-1)  # [B,H,N]
+    if bool(exact.any()):
+        b_x = b[exact]
+        q_in = q_in.index_put((exact,), q[exact] * exp_decay(b_x))
+        k_out = k_out.index_put((exact,), k[exact] * exp_decay(last[exact] - b_x))
+    return ref.scores @ v, q_in, k_out.transpose(-1, -2) @ v
 
 
 def _carry_states(S0: Tensor, U: Tensor, decay: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -255,10 +273,8 @@ def _intra_scores(q: Tensor, k: Tensor, b: Tensor | None, sub: int) -> Tensor:
     """Decayed causal scores inside each chunk, A[t, s] = sum_d q_t k_s exp(b_t - b_s), s <= t.
     q, k [B,H,N,C,Dk]; b [B,H,N,C,1|Dk] cumulative log-decay or None. Returns [B,H,N,C,C]."""
     if b is not None:
-        return _intra_scores_per_dim(q, k, b, sub)  # scalar decay (b [..., 1]) broadcasts over Dk
-    C = q.shape[-2]
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    return (q @ k.transpose(-1, -2)) * causal.to(q.dtype)
+        return decayed_causal_scores(q, k, b, sub)  # scalar decay (b [..., 1]) broadcasts over Dk
+    return (q @ k.transpose(-1, -2)) * causal_mask(q.shape[-2], q)
 
 
 # a chunk whose cumulative log-decay spans at most _SAFE_RANGE (in every key dim) is scored
@@ -269,10 +285,26 @@ _SAFE_RANGE = 80.0
 _CLAMP = 44.0
 
 
-def _intra_scores_per_dim(q: Tensor, k: Tensor, b: Tensor, sub: int) -> Tensor:
-    """`_intra_scores` for per-key-dim (b [..., Dk]) or scalar (b [..., 1]) decay: one dense
-    matmul per chunk when the chunk's decay span is small (usual gates; a scalar decay then
-    needs no [C, C] exponentials at all), `_intra_scores_sub_chunked` for the other chunks."""
+class _References(NamedTuple):
+    """`_scored_references`' results: the scores and what `_chunk_local` reuses."""
+    scores: Tensor  # [..., C, C]
+    q_ref: Tensor  # q exp(b - r), clamped to e^(+-44) (exact unless the chunk is wide), [..., C, Dk]
+    k_ref: Tensor  # k exp(r - b), likewise
+    r: Tensor  # the reference point (no gradient), [..., 1, Dk|1]
+    wide: Tensor  # [...] bool: chunks whose span exceeds _SAFE_RANGE (scores sub-chunked)
+
+
+def decayed_causal_scores(q: Tensor, k: Tensor, b: Tensor, sub: int = 8) -> Tensor:
+    """A[t, s] = sum_d q_t k_s exp(b_t - b_s) for s <= t, 0 above; q, k [..., C, Dk], b
+    [..., C, Dk] (per-key-dim) or [..., C, 1] (scalar) cumulative log-decay, non-increasing
+    along C. Returns [..., C, C]. One dense matmul per chunk when the chunk's decay span is
+    small (usual gates; a scalar decay then needs no [C, C] exponentials at all),
+    `_intra_scores_sub_chunked` (sub-chunks of `sub`, which must divide C) for the other chunks."""
+    return _scored_references(q, k, b, sub).scores
+
+
+def _scored_references(q: Tensor, k: Tensor, b: Tensor, sub: int) -> _References:
+    """`decayed_causal_scores` with its reference-point factors (see `_References`)."""
     C = q.shape[-2]
     hi, lo = b.amax(-2, keepdim=True).detach(), b.amin(-2, keepdim=True).detach()  # [B,H,N,1,Dk]
     r = (hi + lo) / 2  # the reference point cancels exactly, hence no gradient through it
@@ -281,12 +313,12 @@ def _intra_scores_per_dim(q: Tensor, k: Tensor, b: Tensor, sub: int) -> Tensor:
     if torch.is_grad_enabled() and b.requires_grad:  # d(k / factor) would reach e^88: overflow
         k_ref = k * (r - b).clamp(-_CLAMP, _CLAMP).exp()
     else:  # inference: one exponential fewer, k / factor = k exp(r - b) with the same clamp
-        k_ref = k / factor
-    A = (q_ref @ k_ref.transpose(-1, -2)).tril()  # [B,H,N,C,C]
+        k_ref = k * factor.reciprocal()  # (a reciprocal and a product beat a division here)
+    A = (q_ref @ k_ref.transpose(-1, -2)) * causal_mask(C, q)  # [B,H,N,C,C] (faster than tril())
     wide = ((hi - lo) > _SAFE_RANGE).any(-1).squeeze(-1)  # [B,H,N] chunks needing sub-chunks
     if bool(wide.any()):  # their (clamped, finite) scores above are replaced
         A = A.index_put((wide,), _sub_chunked_in_groups(q[wide], k[wide], b[wide], sub))
-    return A
+    return _References(A, q_ref, k_ref, r, wide)
 
 
 _GROUP_ELEMENTS = 1 << 22  # largest intermediate of one group of wide chunks (16 MiB in fp32)
@@ -314,14 +346,14 @@ def _intra_scores_sub_chunked(q: Tensor, k: Tensor, b: Tensor, sub: int) -> Tens
     qs, ks, bs = (x.unflatten(-2, (M, sub)) for x in (q, k, b))  # [...,M,c,Dk]
     r = torch.cat([torch.zeros_like(b[..., :1, :]), b[..., sub - 1:C - 1:sub, :]], dim=-2)
     # r [...,M,Dk]: b at the last position before sub-chunk i (0 before the first)
-    q_ref = qs * _exp_decay(bs - r[..., None, :])  # [...,M,c,Dk]
+    q_ref = qs * exp_decay(bs - r[..., None, :])  # [...,M,c,Dk]
     pos = torch.arange(C, device=q.device)
     before = pos[None, :] < (pos[:M] * sub)[:, None]  # [M, C]: s lies before sub-chunk i
-    e = _exp_decay(r[..., None, :] - b[..., None, :, :], before[..., None])  # [...,M,C,Dk]
+    e = exp_decay(r[..., None, :] - b[..., None, :, :], before[..., None])  # [...,M,C,Dk]
     k_ref = k[..., None, :, :] * e  # zero where s is not before sub-chunk i
     A = (q_ref @ k_ref.transpose(-1, -2)).unflatten(-1, (M, sub))  # [...,M,c,M,c]
     tri = torch.ones(sub, sub, dtype=torch.bool, device=q.device).tril()
-    d = _exp_decay(bs[..., :, None, :] - bs[..., None, :, :], tri[..., None])
+    d = exp_decay(bs[..., :, None, :] - bs[..., None, :, :], tri[..., None])
     w = d * ks[..., None, :, :]  # [...,M,c(t),c(s),Dk]
     A_diag = (w @ qs[..., :, :, None]).squeeze(-1)  # [...,M,c,c]
     eye = torch.eye(M, dtype=q.dtype, device=q.device)
