@@ -275,3 +275,63 @@ def test_short_conv_with_gradients_uses_the_pytorch_form(monkeypatch):
     y, _ = short_conv.causal_conv1d(x, torch.randn(4, 4), None, "silu")
     y.sum().backward()
     assert x.grad is not None
+
+
+def gated_rmsnorm_reference(o, weight, eps, group, z=None, gate_first=False, v=None, d_skip=None):
+    """The PyTorch expressions the native gated RMSNorm replaces."""
+    C = o.shape[-1]
+    p = o if v is None else o + v * d_skip.repeat_interleave(C // d_skip.numel())
+    if z is not None and gate_first:
+        p = p * torch.nn.functional.silu(z)
+    y = torch.nn.functional.rms_norm(p.unflatten(-1, (C // group, group)), (group,), eps=eps)
+    y = (y * weight if weight.numel() == group else y.flatten(-2) * weight).reshape(o.shape)
+    return y * torch.nn.functional.silu(z) if z is not None and not gate_first else y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["mamba2", "mamba2_groups", "head_gate", "head_no_gate", "weight_per_channel"])
+def test_native_gated_rmsnorm_matches_pytorch(dtype, case):
+    """Mamba-2's form (D skip, gate before the norm, one or two groups) and the DeltaNet / GLA
+    head norms (gate after, per-head weight), with z and v strided views of a wider projection."""
+    g = torch.Generator().manual_seed(3)
+    B, T, C = 2, 23, 96
+    proj = torch.randn(B, T, 3 * C + 5, generator=g, dtype=dtype) * 3
+    o = torch.randn(B, T, C, generator=g, dtype=dtype)
+    z, v = proj[..., :C], proj[..., C + 5:2 * C + 5]
+    kw = {"mamba2": dict(group=C, z=z, gate_first=True, v=v, d_skip=torch.randn(6, generator=g, dtype=dtype)),
+          "mamba2_groups": dict(group=C // 2, z=z, gate_first=True, v=v, d_skip=torch.randn(6, generator=g, dtype=dtype)),
+          "head_gate": dict(group=16, z=z), "head_no_gate": dict(group=16),
+          "weight_per_channel": dict(group=32, z=z)}[case]
+    weight = torch.randn(C if case == "weight_per_channel" else kw["group"], generator=g, dtype=dtype)
+    want = gated_rmsnorm_reference(o, weight, 1e-5, **kw)
+    for threads in (1, 2):
+        got = with_threads(threads, lambda: native_scan.native_gated_rmsnorm(o, weight, 1e-5, **kw))
+        assert got.shape == o.shape and got.is_contiguous()
+        assert_close(got, want, dtype)
+
+
+def test_native_gated_rmsnorm_refuses_mismatched_sizes():
+    o = torch.randn(1, 4, 12)
+    with pytest.raises(ValueError, match="group 5 must divide"):
+        native_scan.native_gated_rmsnorm(o, torch.ones(5), 1e-5, group=5)
+    with pytest.raises(ValueError, match="v needs d_skip"):
+        native_scan.native_gated_rmsnorm(o, torch.ones(12), 1e-5, v=o)
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "gated_deltanet", "gla"])
+def test_layers_output_norm_native_equals_pytorch(mixer, monkeypatch):
+    """A layer's inference output through the native gated RMSNorm equals its PyTorch form."""
+    from nimblelm.layers import MIXERS, mamba2, norms
+    from nimblelm.models.config import ModelConfig
+
+    config = ModelConfig(hidden_size=64, num_heads=4, chunk_size=8, extra={"mamba_head_dim": 16}, state_size=8)
+    torch.manual_seed(0)
+    layer = MIXERS[mixer](config, 0).double().eval()
+    x = torch.randn(2, 13, 64, dtype=torch.float64)
+    positions = torch.arange(13)[None]
+    with torch.no_grad():
+        native = layer.sequence_forward(x, None, positions)[0]
+        for module in (mamba2, norms):
+            monkeypatch.setattr(module, "native_inference_ok", lambda *t: False)
+        pytorch = layer.sequence_forward(x, None, positions)[0]
+    assert_close(native, pytorch, torch.float64)

@@ -21,6 +21,7 @@ from torch import nn
 from ..models.config import ModelConfig
 from ..ops.delta import chunk_delta_rule, step_delta_rule
 from ..ops.short_conv import causal_conv1d, step_causal_conv1d
+from .norms import gated_head_norm
 from .recurrent import RecurrentMixer
 from .registry import register_mixer
 
@@ -70,10 +71,8 @@ class DeltaNet(RecurrentMixer):
         return inputs
 
     def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        o = self.head_norm(o)  # [B, T, H, D]
-        if self.gated:
-            o = o * F.silu(self.gate_proj(x)).view(o.shape)
-        return self.o_proj(o.flatten(2))
+        """o [B, T, H, D] -> [B, T, hidden]: head RMSNorm, the swish gate (gated), o_proj."""
+        return self.o_proj(gated_head_norm(self.head_norm, o, self.gate_proj(x) if self.gated else None))
 
     def sequence_forward(self, x: torch.Tensor, state: dict | None, positions=None):
         qkv, conv = causal_conv1d(self.qkv_proj(x), self.conv_weight, None, "silu",

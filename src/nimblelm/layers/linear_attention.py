@@ -25,6 +25,7 @@ from torch import nn
 from ..models.config import ModelConfig
 from ..ops import feature_maps
 from ..ops.gla import chunk_gla, retnet_log_decay, step_gla
+from .norms import gated_head_norm
 from .recurrent import RecurrentMixer
 from .registry import register_mixer
 
@@ -91,8 +92,7 @@ class LinearAttentionMixer(RecurrentMixer):
     def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """o [B, T, H, Dv] -> [B, T, hidden]."""
         if self.output_gate:
-            gate = F.silu(self.gate_proj(x)).view(o.shape)
-            o = self.head_norm(o) * gate
+            return self.o_proj(gated_head_norm(self.head_norm, o, self.gate_proj(x)))
         return self.o_proj(o.flatten(2))
 
     def sequence_forward(self, x: torch.Tensor, state: dict | None, positions=None):

@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models.config import ModelConfig
 from ..ops.gla import step_gla
+from ..ops.native_scan import native_gated_rmsnorm, native_inference_ok
 from ..ops.short_conv import causal_conv1d, step_causal_conv1d
 from ..ops.ssd import chunk_ssd
 from ..ops.tree import tree_causal_conv1d, tree_gla_scalar
@@ -94,6 +95,10 @@ class Mamba2(RecurrentMixer):
 
     def _output(self, o: torch.Tensor, v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """o, v [B, T, H, P], z [B, T, d_inner] -> [B, T, hidden]."""
+        if native_inference_ok(o, v, z, self.D, self.norm_weight):  # inference: one native pass
+            y = native_gated_rmsnorm(o.flatten(2), self.norm_weight, self.eps, group=self.d_inner // self.n_groups,
+                                     z=z, gate_first=True, v=v.flatten(2), d_skip=self.D)
+            return self.out_proj(y)
         y = torch.addcmul(o, v, self.D[:, None]).flatten(2) * F.silu(z)  # [B, T, d_inner]
         groups = y.view(*y.shape[:-1], self.n_groups, -1)  # [B, T, G, d_inner / G]
         y = F.rms_norm(groups, groups.shape[-1:], eps=self.eps).flatten(2)

@@ -26,9 +26,10 @@ from .scan import _check_recurrence, _check_selective, chunk_selective_scan, sca
 _CHECKPOINT = 32  # steps between stored states; the backward's recompute buffer is (32+1) x N x 64
 _BLOCK = 64  # channels per kernel block (BLOCK in scan_kernels.c); thread splits align to it
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-_ABI = 3  # must equal nl_scan_kernels_abi() in scan_kernels.c: the argument lists below match it
+_ABI = 4  # must equal nl_scan_kernels_abi() in scan_kernels.c: the argument lists below match it
 _FUNCTIONS = [f"{name}_{sfx}" for sfx in _SUFFIX.values() for name in (
-    "nl_s6_forward", "nl_s6_backward", "nl_lr_forward", "nl_lr_backward", "nl_rglru_forward", "nl_conv_forward")]
+    "nl_s6_forward", "nl_s6_backward", "nl_lr_forward", "nl_lr_backward", "nl_rglru_forward", "nl_conv_forward",
+    "nl_gated_rmsnorm")]
 
 
 def _library():
@@ -297,3 +298,43 @@ def native_conv1d_forward(x, weight, bias=None, activation=None, state=None):
     args += [ptr(y)] + int64s(Bsz, T, C, K)
     _run(kernel, lambda i: args, _channel_ranges(C))
     return y
+
+
+def _rows(t: torch.Tensor | None, C: int) -> tuple[torch.Tensor | None, int]:
+    """``t`` [..., C] as rows [R, C] with contiguous channels (a view when possible: rows of a
+    wider projection keep their stride) and that row stride."""
+    if t is None:
+        return None, 0
+    rows = t.reshape(-1, C)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    return rows, rows.stride(0)
+
+
+def native_gated_rmsnorm(o, weight, eps, group=None, z=None, gate_first=False, v=None, d_skip=None):
+    """Inference-only gated RMSNorm in one native pass: per group of ``group`` channels (all C
+    when None), ``p = o + d_skip * v`` (optional; one D per block of C // len(d_skip) channels,
+    Mamba-2's per-head skip), then ``rms_norm(p * silu(z)) * weight`` (``gate_first``, Mamba-2)
+    or ``rms_norm(p) * weight * silu(z)`` (DeltaNet / GLA head norms; z optional).
+
+    o, z, v: [..., C] (rows may be strided views of a wider projection); weight: [group] (the
+    same for every group) or [C]. Returns out [..., C], contiguous. Callers check
+    :func:`native_inference_ok` first.
+    """
+    C = o.shape[-1]
+    group = C if group is None else group
+    if C % group or weight.numel() not in (group, C):
+        raise ValueError(f"group {group} must divide C={C} and weight must have {group} or {C} entries")
+    if v is not None and (d_skip is None or C % d_skip.numel() or group % (C // d_skip.numel())):
+        raise ValueError("v needs d_skip, with one entry per block of channels that divides the group")
+    period = group if v is None else C // d_skip.numel()  # the kernel walks each group in blocks of it
+    (o2, o_stride), (v2, v_stride), (z2, z_stride) = _rows(o, C), _rows(v, C), _rows(z, C)
+    out = o.new_empty(o2.shape[0], C)
+    kernel = getattr(_library(), f"nl_gated_rmsnorm_{_SUFFIX[o.dtype]}")
+    real = ctypes.c_float if o.dtype == torch.float32 else ctypes.c_double
+    args = [ptr(o2), ctypes.c_int64(o_stride), ptr(v2), ctypes.c_int64(v_stride), ptr(_optional(d_skip)),
+            ctypes.c_int64(period), ptr(z2), ctypes.c_int64(z_stride), ptr(weight.contiguous()),
+            ctypes.c_int64(int(weight.numel() == group)), real(eps), ctypes.c_int64(int(gate_first)), ptr(out)]
+    args += int64s(C, group)
+    run_split(kernel, lambda i: args, even_ranges(out.shape[0]), "gated rmsnorm")
+    return out.view(o.shape)
