@@ -60,6 +60,12 @@ def test_chunk_op_flops_and_naive_ops(quick_run):
     for name in ("linear_attn", "based", "retnet", "gla", "mamba2", "deltanet", "gated_deltanet"):
         for e in rows[name]["prefill"]:
             assert e["op_gflop_s"] > 0 and 0 < e["op_fraction_of_matmul"] and e["op_flops_formula"]
+            # like for like: the best op run against the best matmul, medians against medians
+            assert e["op_gflop_s"] == pytest.approx(e["op_flops"] / e["op_fast_min_s"] / 1e9)
+            assert e["op_fraction_of_matmul"] == pytest.approx(e["op_gflop_s"] / data["matmul"]["best_gflop_s"])
+            assert e["op_fraction_of_matmul_median"] == pytest.approx(
+                e["op_gflop_s_median"] / data["matmul"]["median_gflop_s"])
+            assert e["op_gflop_s"] >= e["op_gflop_s_median"]
     for name in ("mamba", "rglru", "short_conv"):
         assert all(e["op_naive_s"] > 0 and "op_flops" not in e for e in rows[name]["prefill"])
     assert all("op_fast_s" not in e for e in rows["attention"]["prefill"])

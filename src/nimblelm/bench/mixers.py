@@ -150,8 +150,7 @@ def _run(args: argparse.Namespace, opts: dict[str, Any]) -> dict[str, Any]:
     torch.set_flush_denormal(True)
     results: dict[str, Any] = {"machine": machine_info(), "settings": dict(opts)}
     results["matmul"] = measure_matmul(opts["matmul_size"])
-    peak = results["matmul"]["best_gflop_s"]
-    results["mixers"] = [bench_mixer(name, opts, peak) for name in opts["mixers"]]
+    results["mixers"] = [bench_mixer(name, opts, results["matmul"]) for name in opts["mixers"]]
     if opts["no_hf"]:
         results["hf"] = {"skipped": "--no-hf"}
     else:
@@ -282,7 +281,7 @@ def x_device(layer: torch.nn.Module) -> torch.device:
     return next(layer.parameters()).device
 
 
-def bench_mixer(name: str, opts: dict[str, Any], peak_gflop_s: float) -> dict[str, Any]:
+def bench_mixer(name: str, opts: dict[str, Any], matmul: dict[str, Any]) -> dict[str, Any]:
     """All measurements of one mixer; an exception becomes the row's ``error``."""
     row: dict[str, Any] = {"mixer": name}
     print(f"[{name}] building", file=sys.stderr, flush=True)
@@ -296,7 +295,7 @@ def bench_mixer(name: str, opts: dict[str, Any], peak_gflop_s: float) -> dict[st
                        "hidden_size", "num_heads", "head_dim", "chunk_size", "state_size", "expand", "conv_size",
                        "sliding_window", "extra")})
         runner = LayerRunner(layer, config, config.max_seq_len)
-        row["prefill"] = bench_prefill(name, runner, opts, peak_gflop_s)
+        row["prefill"] = bench_prefill(name, runner, opts, matmul)
         row["decode"] = bench_decode(name, runner, opts)
     except Exception as exc:  # noqa: BLE001  (one broken mixer must not hide the others)
         row["error"] = f"{type(exc).__name__}: {exc}"
@@ -320,7 +319,8 @@ def _budgeted(label: str, fn: Callable, warmup: Callable, length: int, per_token
     return timed, timed["median_s"] / length
 
 
-def bench_prefill(name: str, runner: LayerRunner, opts: dict[str, Any], peak: float) -> list[dict[str, Any]]:
+def bench_prefill(name: str, runner: LayerRunner, opts: dict[str, Any],
+                  matmul: dict[str, Any]) -> list[dict[str, Any]]:
     rows, loop_pt, op_pt = [], None, None
     for length in opts["lengths"]:
         print(f"[{name}] prefill T={length}", file=sys.stderr, flush=True)
@@ -340,27 +340,30 @@ def bench_prefill(name: str, runner: LayerRunner, opts: dict[str, Any], peak: fl
         if forms is None:
             entry["op_note"] = "no ops-level naive form for this mixer"
         else:
-            op_pt = _bench_op(entry, forms, length, op_pt, opts, peak)
+            op_pt = _bench_op(entry, forms, length, op_pt, opts, matmul)
         rows.append(entry)
     return rows
 
 
 def _bench_op(entry: dict[str, Any], forms: mixers_ops.OpForms, length: int, per_token: float | None,
-              opts: dict[str, Any], peak: float) -> float | None:
-    """Fill the ops-level columns of ``entry``: fast op vs naive op, achieved GFLOP/s."""
+              opts: dict[str, Any], matmul: dict[str, Any]) -> float | None:
+    """Fill the ops-level columns of ``entry``: fast op vs naive op, achieved GFLOP/s. The
+    fraction of the matmul rate compares like with like: the op's best run against the
+    matmul's best (``op_fraction_of_matmul``), and medians against medians."""
     fast = time_call(forms.fast, opts["repeats"])
     naive, per_token = _budgeted("naive op", forms.naive, forms.naive_warmup, length, per_token, opts)
     entry.update(op_family=forms.family, op_fast=forms.fast_name, op_naive=forms.naive_name,
-                 op_fast_s=fast["median_s"], op_naive_s=naive.get("median_s"),
+                 op_fast_s=fast["median_s"], op_fast_min_s=fast["min_s"], op_naive_s=naive.get("median_s"),
                  op_naive_estimated_s=naive.get("estimated_s"), op_note=naive.get("skipped"))
     ref = entry["op_naive_s"] or entry["op_naive_estimated_s"]
     entry["op_speedup"] = ref / entry["op_fast_s"] if ref else None
     if "output" in naive:
         entry["op_max_abs_fast_minus_naive"] = float((fast["output"][0] - naive["output"][0]).abs().max())
     if forms.flops is not None:
-        gflop_s = forms.flops / fast["median_s"] / 1e9
-        entry.update(op_flops=forms.flops, op_flops_formula=forms.flops_formula, op_gflop_s=gflop_s,
-                     op_fraction_of_matmul=gflop_s / peak)
+        best, median = forms.flops / fast["min_s"] / 1e9, forms.flops / fast["median_s"] / 1e9
+        entry.update(op_flops=forms.flops, op_flops_formula=forms.flops_formula, op_gflop_s=best,
+                     op_gflop_s_median=median, op_fraction_of_matmul=best / matmul["best_gflop_s"],
+                     op_fraction_of_matmul_median=median / matmul["median_gflop_s"])
     return per_token
 
 
@@ -448,14 +451,16 @@ def _decode_table(results: dict[str, Any]) -> list[str]:
 
 def _flops_table(results: dict[str, Any]) -> list[str]:
     mm = results["matmul"]
-    lines = [f"CHUNKWISE OP FLOP/s vs fp32 matmul {mm['n']}^3: {mm['best_gflop_s']:.1f} GFLOP/s "
-             f"(best of {mm['trials']})",
-             f"{'mixer':>15} {'T':>5} {'op':>18} {'GFLOP':>8} {'ms':>8} {'GFLOP/s':>8} {'of matmul':>9}"]
+    lines = [f"CHUNKWISE OP FLOP/s vs fp32 matmul {mm['n']}^3: best {mm['best_gflop_s']:.1f}, median "
+             f"{mm['median_gflop_s']:.1f} GFLOP/s ({mm['trials']} runs); op: best and median of its runs",
+             f"{'mixer':>15} {'T':>5} {'op':>18} {'GFLOP':>8} {'best ms':>8} {'GFLOP/s':>8} {'of matmul':>9}"
+             f" {'median/median':>13}"]
     for row in results["mixers"]:
         for e in row.get("prefill", []):
             if e.get("op_gflop_s") is not None:
                 lines.append(f"{row['mixer']:>15} {e['T']:>5} {e['op_fast']:>18} {e['op_flops'] / 1e9:>8.3g}"
-                             f" {_ms(e['op_fast_s']):>8} {e['op_gflop_s']:>8.2f} {e['op_fraction_of_matmul']:>9.1%}")
+                             f" {_ms(e['op_fast_min_s']):>8} {e['op_gflop_s']:>8.2f} {e['op_fraction_of_matmul']:>9.1%}"
+                             f" {e['op_fraction_of_matmul_median']:>13.1%}")
     lines.append("FLOPs: matmul FLOPs of the chunk form as computed (dense C x C blocks); see mixers_ops.chunk_flops")
     return lines
 
