@@ -19,7 +19,8 @@ of ``--repeats`` runs after one warm-up:
   bytes per sequence at that context (``RecurrentState.nbytes`` / ``KVState.nbytes`` of a
   cache of C slots; local attention also shows its window bound).
 * **FLOP/s** of the chunkwise op, FLOPs counted analytically (see :func:`chunk_flops`),
-  against the machine's fp32 matmul rate (best of several N x N @ N x N, N = 1024).
+  against the machine's fp32 matmul rate (N x N @ N x N, N = 1024): the op's best run against
+  the matmul's best of 10, and the medians against each other.
 * **vs transformers** (mamba, mamba2, rglru; :mod:`nimblelm.bench.mixers_hf`): HF's CPU
   implementation and its :func:`~nimblelm.integrations.hf.from_hf` conversion, full models,
   prefill and per-token decode with cache, time ratio nimblelm / HF.

@@ -1,8 +1,9 @@
 /* Batched unit-lower-triangular solves: the delta rule's chunkwise (WY / UT) form solves
  * (I + L) X = R for one [C, C] matrix per chunk and head, and its backward the transposed
  * system. LAPACK's trsm handles one small matrix per call at a few GFLOP/s; here each row is
- * an accumulation over the rows before it, vectorised across the right-hand sides (a tile of
- * TILE columns stays in registers), one pass per matrix.
+ * an accumulation over the rows already solved, vectorised across the right-hand sides: two
+ * rows x four 32-byte vectors of columns stay in registers (triangular.inc), one pass per
+ * matrix.
  *
  * Layouts (contiguous, row-major): L [n, C, C], strictly lower (its diagonal and upper
  * triangle are never read); the right-hand sides R and the solution X [n, C, W] (R == X

@@ -18,8 +18,6 @@ WY / UT-transform form for prefill and training) and `step_delta_rule` (one toke
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 

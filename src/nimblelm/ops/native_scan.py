@@ -12,6 +12,11 @@ forward keeps the state entering every ``_CHECKPOINT`` steps; the backward recom
 stretch from there and walks time backwards (no [T, Dch, N] activations are stored). Channels
 are split across ``torch.get_num_threads()`` threads (ctypes releases the GIL). The RG-LRU
 recurrence's states are its outputs, so its backward needs no checkpoints.
+
+Inference-only fusions live here too (no backward; callers check :func:`native_inference_ok`):
+the whole RG-LRU interior (:func:`native_rglru_forward`), the short causal convolution
+(:func:`native_conv1d_forward`) and the gated RMSNorm of Mamba-2 / DeltaNet / GLA
+(:func:`native_gated_rmsnorm`).
 """
 
 from __future__ import annotations
