@@ -124,6 +124,21 @@ def test_resume_skips_finished_runs(tmp_path, monkeypatch):
     assert json.loads(out.read_text())["best"][0]["accuracy"] == 1.0
 
 
+def test_report_renders_earlier_runs_without_training(tmp_path, monkeypatch):
+    out = tmp_path / "r.json"
+    runs = [dict(mixer=m, d_model=32, seq_len=16, num_kv_pairs=2, lr=lr, accuracy=acc, train_loss=0.0, steps=1,
+                 seconds=1.0, stop="time", curve=[], params=1, state_bytes=64, decode_tokens_per_s=1.0)
+            for m, lr, acc in [("attention", 0.01, 0.99), ("gla", 0.01, 0.5), ("gla", 0.003, 0.7)]]
+    text = json.dumps({"options": {"lrs": [0.003, 0.01]}, "runs": runs})
+    out.write_text(text)
+    monkeypatch.setattr(mqar, "train_one", lambda *a, **k: pytest.fail("--report trained"))
+    assert mqar.main(["--report", "--json", str(out), "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "mqar.md").read_text()
+    assert "| gla | 32 | 16 | 2 | 70.0% | 0.003 |" in table and "| attention | 32 | 16 | 2 | 99.0% |" in table
+    assert out.read_text() == text  # only read: a running sweep keeps writing it
+    assert mqar.main(["--report", "--json", str(tmp_path / "missing.json")]) == 2
+
+
 def test_best_over_learning_rates():
     runs = [dict(mixer="gla", d_model=64, seq_len=64, num_kv_pairs=4, lr=lr, accuracy=acc, curve=[])
             for lr, acc in [(1e-3, 0.4), (3e-3, 0.9), (1e-2, 0.2)]]

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="results JSON (written after every run; --resume reads it)")
     p.add_argument("--out", metavar="DIR", help="write mqar.md and the PNG plots into DIR")
     p.add_argument("--resume", action="store_true", help="skip runs already in --json (or DIR/mqar.json)")
+    p.add_argument("--report", action="store_true",
+                   help="no training: the table (and with --out the plots) of the runs already in --json")
     p.add_argument("--mixers", help=f"comma-separated mixers (default: {FULL['mixers']})")
     p.add_argument("--d-models", help=f"comma-separated widths (default {FULL['d_models']})")
     p.add_argument("--tasks", help=f"seq_len:kv_pairs list (default {FULL['tasks']})")
@@ -122,7 +124,11 @@ def _key(run: dict) -> tuple:
 
 
 def run_mqar(args: argparse.Namespace) -> dict:
-    """The sweep; returns {"options", "runs" (every (setting, lr) run), "best" (one row per setting)}."""
+    """The sweep; returns {"options", "runs" (every (setting, lr) run), "best" (one row per setting)}.
+    With ``--out`` the table and plots are rewritten after every run, so a long sweep shows its
+    progress; ``--report`` only renders the runs already in the JSON."""
+    if getattr(args, "report", False):
+        return _report_only(args)
     o = resolve(args)
     torch.set_num_threads(args.threads)
     opts = _options(o, args)
@@ -149,10 +155,29 @@ def run_mqar(args: argparse.Namespace) -> dict:
             record["decode_tokens_per_s"] = round(decode_throughput(setting, opts), 1)
             runs.append(record)
             bar.update(1)
+            results["best"] = best_rows(runs)
             if path:
-                write_json_atomic(path, {**results, "best": best_rows(runs)})
+                write_json_atomic(path, results)
+            if args.out:
+                write_outputs(results, args.out)
     bar.close()
     results["best"] = best_rows(runs)
+    if args.out:
+        write_outputs(results, args.out)
+    return results
+
+
+def _report_only(args: argparse.Namespace) -> dict:
+    """``--report``: the results of an earlier (or still running) sweep, from its JSON (which is
+    only read: a running sweep keeps writing it)."""
+    path = _results_path(args)
+    if path is None or not os.path.exists(path):
+        raise ValueError(f"--report reads the runs of --json FILE (or --out DIR/mqar.json); {path or 'none given'} "
+                         "does not exist")
+    with open(path, encoding="utf-8") as fh:
+        saved = json.load(fh)
+    results = {"options": saved.get("options", {}), "runs": saved.get("runs", []),
+               "best": best_rows(saved.get("runs", []))}
     if args.out:
         write_outputs(results, args.out)
     return results
@@ -194,9 +219,17 @@ def write_outputs(results: dict, out: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    results = run_and_report(run_mqar, format_table, args)
-    if results is None:
-        return 2
+    if args.report:
+        try:
+            results = _report_only(args)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(format_table(results))
+    else:
+        results = run_and_report(run_mqar, format_table, args)
+        if results is None:
+            return 2
     for name in results.get("plots", []):
         print(f"plot: {name}")
     return 0
