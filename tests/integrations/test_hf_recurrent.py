@@ -97,16 +97,21 @@ def test_full_forward_matches(pairs, family):
 
 
 def hf_prefill_then_step(hf_model, family, tokens):
-    """Logits of the last token from transformers' own cache: prefill tokens[:, :-1], then one step."""
+    """Logits of the last token from transformers' own cache: prefill tokens[:, :-1], then one step
+    (the cache keyword and returned field of the installed transformers version; explicit
+    positions, which RecurrentGemma would otherwise derive from its attention layers' length)."""
     n = tokens.shape[1] - 1
+    keyword = hf.cache_keyword(hf_model)
     with torch.no_grad():
         if family == "recurrent_gemma":  # keeps its recurrent states in the modules, KV in the cache
             past = transformers.DynamicCache(config=hf_model.config)
-            hf_model(tokens[:, :-1], use_cache=True, past_key_values=past)
-            return hf_model(tokens[:, -1:], use_cache=True, past_key_values=past).logits[:, -1]
+            positions = torch.arange(n + 1).expand(tokens.shape[0], n + 1)
+            hf_model(tokens[:, :-1], use_cache=True, position_ids=positions[:, :-1], **{keyword: past})
+            return hf_model(tokens[:, -1:], use_cache=True, position_ids=positions[:, -1:],
+                            **{keyword: past}).logits[:, -1]
         out = hf_model(tokens[:, :-1], use_cache=True)
-        return hf_model(tokens[:, -1:], use_cache=True, cache_params=out.cache_params,
-                        cache_position=torch.tensor([n])).logits[:, -1]
+        return hf_model(tokens[:, -1:], use_cache=True, cache_position=torch.tensor([n]),
+                        **{keyword: hf.returned_cache(out)}).logits[:, -1]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

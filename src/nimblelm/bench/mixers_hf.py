@@ -8,7 +8,7 @@ in the same run, interleaved, median of ``--repeats`` after one warm-up each:
 
 * prefill: one full forward (no cache, logits of the last position only) at each ``--hf-lengths``;
 * decode: after a cached prefill of ``--hf-context`` tokens, ``--decode-steps`` one-token
-  forwards with the cache (HF: ``cache_params`` / ``past_key_values``; nimblelm: ``make_cache``).
+  forwards with the cache (HF: its own cache object; nimblelm: ``make_cache``).
 
 ``ratio`` = nimblelm time / HF time (below 1: nimblelm is faster). transformers runs its pure
 PyTorch fallbacks on CPU (no ``mamba_ssm`` / ``causal_conv1d`` kernels): sequential scans for
@@ -60,8 +60,12 @@ class HFDriver:
     """Prefill / cached decode of a transformers recurrent LM, one API for the three models."""
 
     def __init__(self, name: str, model: torch.nn.Module, transformers):
+        from ..integrations.hf import cache_keyword, returned_cache
+
+        self.returned_cache = returned_cache
         self.model, self.gemma, self.transformers = model, name == "rglru", transformers
         self.cache, self.length = None, 0
+        self.keyword = cache_keyword(model)  # "cache" from transformers 5.25 on
 
     def _call(self, tokens: torch.Tensor, use_cache: bool, keep: int):
         kwargs: dict[str, Any] = dict(use_cache=use_cache, logits_to_keep=keep)
@@ -69,9 +73,9 @@ class HFDriver:
             n = tokens.shape[1]
             kwargs.update(position_ids=torch.arange(self.length, self.length + n)[None], attention_mask=_NO_MASK)
             if use_cache:
-                kwargs["past_key_values"] = self.cache
+                kwargs[self.keyword] = self.cache
         elif use_cache and self.cache is not None:
-            kwargs["cache_params"] = self.cache
+            kwargs[self.keyword] = self.cache
         return self.model(tokens, **kwargs)
 
     def logits(self, tokens: torch.Tensor, keep: int = 1) -> torch.Tensor:
@@ -84,13 +88,13 @@ class HFDriver:
             self.model.model._setup_cache(self.model.config, 1, tokens.device, torch.float32)
             self.cache = self.transformers.DynamicCache(config=self.model.config)
         out = self._call(tokens, True, 1)
-        self.cache = self.cache if self.gemma else out.cache_params
+        self.cache = self.cache if self.gemma else self.returned_cache(out)
         self.length = tokens.shape[1]
         return out.logits
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         out = self._call(token, True, 1)
-        self.cache = self.cache if self.gemma else out.cache_params
+        self.cache = self.cache if self.gemma else self.returned_cache(out)
         self.length += 1
         return out.logits
 

@@ -225,6 +225,38 @@ class _HFOutput:
     hidden: torch.Tensor  # [B, n, hidden] after the final norm
 
 
+def cache_keyword(hf_model) -> str | None:
+    """The ``forward`` keyword that carries transformers' cache in the installed version:
+    ``"cache"`` (transformers 5.25 on, every model), else ``"past_key_values"`` (attention models)
+    or ``"cache_params"`` (Mamba, Mamba-2); None when the model takes no cache."""
+    accepted = inspect.signature(hf_model.forward).parameters
+    return next((name for name in ("cache", "past_key_values", "cache_params") if name in accepted), None)
+
+
+def returned_cache(out):
+    """The cache a transformers forward returned (``out.cache`` from 5.25 on, ``past_key_values``
+    or ``cache_params`` before), or None."""
+    for name in ("cache", "past_key_values", "cache_params"):
+        if name in out.keys():
+            return out[name]
+    return None
+
+
+def keeps_recurrent_state(hf_model) -> bool:
+    """Whether the model's cache holds recurrent state (Mamba, Mamba-2, RecurrentGemma's RG-LRU
+    layers) rather than only attention keys/values: such a cache cannot be gathered to a tree path."""
+    if "cache_params" in inspect.signature(hf_model.forward).parameters:
+        return True  # before 5.25: the recurrent models' own cache classes
+    recurrent_layer = getattr(transformers.cache_utils, "LinearAttentionCacheLayerMixin", None)
+    if recurrent_layer is None or "cache" not in inspect.signature(hf_model.forward).parameters:
+        return False
+    try:
+        layers = transformers.DynamicCache(config=hf_model.config).layers
+    except (TypeError, ValueError, AttributeError):  # a config DynamicCache cannot lay out: decided by its first call
+        return False
+    return any(isinstance(layer, recurrent_layer) for layer in layers)
+
+
 class HFCache:
     """transformers' own cache (a DynamicCache, created by the model on the first call) plus the
     2-D attention mask over every committed slot (0 at left padding), the committed slot count
@@ -310,9 +342,9 @@ class HFTarget:
                                       logit_softcap=None, embedding_scale=None)
         if getattr(cfg, "model_type", None) in self.TREE_MODEL_TYPES:  # plain embedding, head without bias
             self.embed, self.head_weight = hf_model.get_input_embeddings(), head.weight  # for draft heads
-        accepted = inspect.signature(hf_model.forward).parameters
-        self._keeps_logits = "logits_to_keep" in accepted
-        self._has_kv_cache = "past_key_values" in accepted  # Mamba / Mamba-2 keep cache_params instead
+        self._keeps_logits = "logits_to_keep" in inspect.signature(hf_model.forward).parameters
+        self._cache_keyword = cache_keyword(hf_model)
+        self._has_kv_cache = self._cache_keyword is not None and not keeps_recurrent_state(hf_model)
         self.tree_refusal = self._tree_refusal()
         self.supports_tree = self.tree_refusal is None
 
@@ -360,8 +392,9 @@ class HFTarget:
         if cache is not None and cache.pending:
             raise GenerationError("the cache holds uncommitted tokens from a tree call; call cache.commit(path) first")
         if cache is not None and not self._has_kv_cache:
-            raise GenerationError(f"transformers {type(self.model).__name__} keeps its state in cache_params, which "
-                                  "nimblelm's transformers adapter does not drive; convert the model with "
+            raise GenerationError(f"transformers {type(self.model).__name__} keeps recurrent state in its cache "
+                                  "(cache_params / linear-attention cache layers), which nimblelm's transformers "
+                                  "adapter does not drive; convert the model with "
                                   "nimblelm.integrations.hf.from_hf(hf_model) to generate with it")
         past_len = cache.length if cache is not None else 0
         if cache is not None and past_len + n > cache.max_len:
@@ -380,7 +413,7 @@ class HFTarget:
                 positions = (tree.depth.to(tokens.device) + past_len).expand(batch, n)
         out = self._forward(tokens, positions, attention_mask, cache, logits_to_keep)
         if cache is not None:
-            cache.past = out.past_key_values
+            cache.past = returned_cache(out)
             if tree is None:
                 cache.mask, cache.length = attention_mask, past_len + n
             else:
@@ -399,7 +432,7 @@ class HFTarget:
     def _forward(self, tokens, positions, attention_mask, cache: HFCache | None, logits_to_keep: int):
         kwargs = dict(position_ids=positions, output_hidden_states=True, return_dict=True)
         if cache is not None:
-            kwargs.update(past_key_values=cache.past, use_cache=True)
+            kwargs.update({self._cache_keyword: cache.past, "use_cache": True})
         else:
             kwargs.update(use_cache=False)
         if self._keeps_logits:
