@@ -41,14 +41,18 @@ def test_chunk_ssd_equals_the_oracle_in_float64(dt_scale, G, chunk):
     torch.testing.assert_close(S, S_ref, rtol=1e-10, atol=1e-10)
 
 
-def test_chunk_ssd_gradients_and_split_state_match():
-    x, dt, A, Bm, Cm, S0 = inputs(T=29, G=2, dt_scale=3.0)
+@pytest.mark.parametrize("dt_scale", [3.0, 30.0])  # 30: chunks too wide for the factored form
+def test_chunk_ssd_gradients_and_split_state_match(dt_scale):
+    x, dt, A, Bm, Cm, S0 = inputs(T=29, G=2, dt_scale=dt_scale)
     leaves = [t.clone().requires_grad_() for t in (x, dt, A, Bm, Cm, S0)]
     y, S = chunk_ssd(*leaves[:5], initial_state=leaves[5], output_final_state=True, chunk_size=8)
     (y.square().sum() + S.sum()).backward()
     ours = [t.grad for t in leaves]
+    y_autograd, S_autograd = y.detach(), S.detach()  # the autograd path (no out= buffers)
     leaves = [t.clone().requires_grad_() for t in (x, dt, A, Bm, Cm, S0)]
     y, S = oracle(*leaves)
+    torch.testing.assert_close(y_autograd, y.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(S_autograd, S.detach(), rtol=1e-10, atol=1e-10)
     (y.square().sum() + S.sum()).backward()
     for got, want in zip(ours, (t.grad for t in leaves)):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

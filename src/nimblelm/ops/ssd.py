@@ -17,7 +17,9 @@ columns of ONE matmul. Inside a chunk with cumulative log-decay b (b_t = sum of 
 with a per-(chunk, head) reference r halfway along b, so both factors stay within e^(+-40)
 when the chunk's decay span is at most 80 (the usual case). Chunks with a wider span
 (strong decay) are recomputed with the exact pairwise decays exp(b_t - b_s), as in
-``chunk_gla``. Layouts stay [.., time, group, heads * P]: no head-major permutes of x.
+``chunk_gla``. Layouts stay [.., group, time, heads * P]: the scaled copies of x are made
+in that layout directly, and without autograd the chunk states and the output are written
+into preallocated buffers (``out=``), the output straight into [B, T, H, P].
 
 Shapes: x [B, T, H, P]; dt [B, T, H] (> 0, after softplus); A [H] (< 0); Bm, Cm
 [B, T, G, N]; state [B, H, N, P]. Returns (y [B, T, H, P], final state or None).
@@ -67,59 +69,81 @@ def chunk_ssd(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, initial_
     Hg = H // G
     L = max(1, min(chunk_size, T))
     Nc = max(1, math.ceil(T / L))
-    xdt = _pad_chunks(x * dt[..., None], Nc, L)  # [Bz,Nc,L,H,P]
-    b = _pad_chunks(dt * A, Nc, L).cumsum(2)  # [Bz,Nc,L,H] cumulative log-decay inside each chunk
+    # without autograd, results are written straight into preallocated buffers (out=)
+    in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, Bm, Cm, initial_state)
+                                                    if t is not None))
+
+    def wide(t: Tensor) -> Tensor:  # [Bz,Nc,L,H(,1 or P)] -> view [Bz,Nc,G,L,Hg,(1 or P)]
+        t = t.view(Bz, Nc, L, G, Hg, -1) if t.dim() == 5 else t.view(Bz, Nc, L, G, Hg, 1)
+        return t.transpose(2, 3)
+
+    # the scaled inputs in the wide layout [Bz,Nc,G,L,Hg,P], contiguous: the heads of a group
+    # are the columns of one matmul. Per-(time, head) factors are [.., L, Hg, 1] broadcasts.
+    x_pad = wide(_pad_chunks(x, Nc, L))
+    dt_pad = wide(_pad_chunks(dt, Nc, L))
+    b = wide(_pad_chunks(dt * A, Nc, L).cumsum(2))  # [Bz,Nc,G,L,Hg,1] cumulative log-decay inside each chunk
     Bc = _pad_chunks(Bm, Nc, L).transpose(2, 3)  # [Bz,Nc,G,L,N]
     Cc = _pad_chunks(Cm, Nc, L).transpose(2, 3)  # [Bz,Nc,G,L,N]
 
-    def wide(t: Tensor) -> Tensor:  # [Bz,Nc,L,H,P] -> [Bz,Nc,G,L,Hg*P] (heads of a group as columns)
-        return t.reshape(Bz, Nc, L, G, Hg * P).transpose(2, 3)
-
-    def heads(t: Tensor) -> Tensor:  # inverse of wide
-        return t.transpose(2, 3).reshape(Bz, Nc, L, H, P)
+    def scaled_x(factor: Tensor) -> Tensor:  # x * factor [Bz,Nc,G,L,Hg,1] as contiguous [Bz,Nc,G,L,Hg*P]
+        out = torch.empty(Bz, Nc, G, L, Hg, P, dtype=x.dtype, device=x.device)
+        out = torch.mul(x_pad, factor, out=out) if in_place else out.copy_(x_pad * factor)
+        return out.view(Bz, Nc, G, L, Hg * P)
 
     causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
     scores = (Cc @ Bc.transpose(-1, -2)).masked_fill(~causal, 0.0)  # [Bz,Nc,G,L,L] C_t . B_s, s <= t
-    first, last = b[:, :, :1], b[:, :, -1:]  # [Bz,Nc,1,H]; b decreases along the chunk
+    first, last = b[:, :, :, :1], b[:, :, :, -1:]  # [Bz,Nc,G,1,Hg,1]; b decreases along the chunk
     r = ((first + last) / 2).detach()  # cancels exactly: no gradient through it
-    u = (b - r).clamp(-_CLAMP, _CLAMP).exp()  # [Bz,Nc,L,H]
+    u = (b - r).clamp(-_CLAMP, _CLAMP).exp()  # [Bz,Nc,G,L,Hg,1]
     w = (r - b).clamp(-_CLAMP, _CLAMP).exp()
-    y = heads(scores @ wide(xdt * w[..., None])) * u[..., None]  # [Bz,Nc,L,H,P] intra-chunk part
-    span = (first - last)[:, :, 0]  # [Bz,Nc,H]
-    too_wide = span.detach() > _SAFE_SPAN
+    shape6 = (Bz, Nc, G, L, Hg, P)
+    intra = (scores @ scaled_x(dt_pad * w)).view(shape6).mul_(u)  # [Bz,Nc,G,L,Hg,P] intra-chunk part
+    too_wide = (first - last).detach() > _SAFE_SPAN  # [Bz,Nc,G,1,Hg,1]
     if bool(too_wide.any()):
-        y = _exact_intra(y, scores, xdt, b, too_wide, Hg)
+        intra = _exact_intra(intra, scores, x_pad, dt_pad, b, too_wide)
 
     # each chunk's own contribution to the state at its end, and the carry across chunks
-    to_end = (last - b).exp()  # [Bz,Nc,L,H] (<= 1)
-    U = Bc.transpose(-1, -2) @ wide(xdt * to_end[..., None])  # [Bz,Nc,G,N,Hg*P]
-    chunk_decay = last[:, :, 0].exp()  # [Bz,Nc,H]
+    U = Bc.transpose(-1, -2) @ scaled_x(dt_pad * (last - b).exp())  # [Bz,Nc,G,N,Hg*P]
+    decay = last.exp().expand(Bz, Nc, G, 1, Hg, P).reshape(Bz, Nc, G, 1, Hg * P)  # [Bz,Nc,G,1,Hg*P]
     S0 = initial_state if initial_state is not None else x.new_zeros(Bz, H, N, P)
     S = S0.view(Bz, G, Hg, N, P).transpose(2, 3).reshape(Bz, G, N, Hg * P)  # [Bz,G,N,Hg*P]
-    decay_cols = chunk_decay.view(Bz, Nc, G, 1, Hg, 1).expand(Bz, Nc, G, 1, Hg, P).reshape(Bz, Nc, G, 1, Hg * P)
-    starts = []
-    for n in range(Nc):
-        starts.append(S)
-        S = torch.addcmul(U[:, n], decay_cols[:, n], S)
-    S_start = torch.stack(starts, dim=1)  # [Bz,Nc,G,N,Hg*P] state entering each chunk
-    y = torch.addcmul(y, heads(Cc @ S_start), b.exp()[..., None])  # inter-chunk part
+    if in_place:  # [Nc+1, Bz,G,N,Hg*P]: the state entering chunk n at n, the final state last
+        states = torch.empty(Nc + 1, Bz, G, N, Hg * P, dtype=U.dtype, device=U.device)
+        states[0] = S
+        for n in range(Nc):
+            torch.addcmul(U[:, n], decay[:, n], states[n], out=states[n + 1])
+        S, S_start = states[Nc], states[:Nc].transpose(0, 1)
+    else:
+        starts = []
+        for n in range(Nc):
+            starts.append(S)
+            S = torch.addcmul(U[:, n], decay[:, n], S)
+        S_start = torch.stack(starts, dim=1)  # [Bz,Nc,G,N,Hg*P] state entering each chunk
+    inter = (Cc @ S_start).view(shape6)  # [Bz,Nc,G,L,Hg,P]
+    if in_place:  # y = intra + e^b * inter, written straight into the [B, T, H, P] layout
+        y = torch.empty(Bz, Nc, L, G, Hg, P, dtype=x.dtype, device=x.device)
+        torch.addcmul(intra, inter, b.exp(), out=y.transpose(2, 3))
+    else:
+        y = torch.addcmul(intra, inter, b.exp()).transpose(2, 3)
     y = y.reshape(Bz, Nc * L, H, P)[:, :T]
     final = S.view(Bz, G, N, Hg, P).transpose(2, 3).reshape(Bz, H, N, P) if output_final_state else None
     return y, final
 
 
-def _exact_intra(y: Tensor, scores: Tensor, xdt: Tensor, b: Tensor, too_wide: Tensor, Hg: int) -> Tensor:
-    """Recompute the intra-chunk part of the (batch, chunk, head) triples in ``too_wide``
-    with exact pairwise decays exp(b_t - b_s) (exponents <= 0 where used)."""
-    bi, ni, hi = too_wide.nonzero(as_tuple=True)
-    L = b.shape[2]
+def _exact_intra(intra: Tensor, scores: Tensor, x: Tensor, dt: Tensor, b: Tensor, too_wide: Tensor) -> Tensor:
+    """Recompute the intra-chunk part of the (batch, chunk, group, head) cells in ``too_wide``
+    [Bz,Nc,G,1,Hg,1] with exact pairwise decays exp(b_t - b_s) (exponents <= 0 where used).
+    intra, x [Bz,Nc,G,L,Hg,P]; scores [Bz,Nc,G,L,L]; dt, b [Bz,Nc,G,L,Hg,1]."""
+    bi, ni, gi, _, hi, _ = too_wide.nonzero(as_tuple=True)
+    L = b.shape[3]
     causal = torch.ones(L, L, dtype=torch.bool, device=b.device).tril()
-    bw = b[bi, ni, :, hi]  # [n, L]
+    bw = b[bi, ni, gi, :, hi, 0]  # [n, L]
     diff = (bw[:, :, None] - bw[:, None, :]).masked_fill(~causal, -math.inf)
-    exact = (scores[bi, ni, hi // Hg] * diff.clamp_max(0.0).exp()) @ xdt[bi, ni, :, hi]  # [n, L, P]
-    y = y.clone()
-    y[bi, ni, :, hi] = exact
-    return y
+    xdt = x[bi, ni, gi, :, hi] * dt[bi, ni, gi, :, hi]  # [n, L, P]
+    exact = (scores[bi, ni, gi] * diff.clamp_max(0.0).exp()) @ xdt  # [n, L, P]
+    intra = intra.clone()
+    intra[bi, ni, gi, :, hi] = exact
+    return intra
 
 
 def naive_ssd(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, initial_state: Tensor | None = None,
