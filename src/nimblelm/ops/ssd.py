@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .gla import naive_gla
+from .gla import exp_decay, naive_gla
 
 _SAFE_SPAN = 80.0  # widest in-chunk log-decay span scored with the factored form
 _CLAMP = 44.0
@@ -103,8 +103,8 @@ def chunk_ssd(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, initial_
         intra = _exact_intra(intra, scores, x_pad, dt_pad, b, too_wide)
 
     # each chunk's own contribution to the state at its end, and the carry across chunks
-    U = Bc.transpose(-1, -2) @ scaled_x(dt_pad * (last - b).exp())  # [Bz,Nc,G,N,Hg*P]
-    decay = last.exp().expand(Bz, Nc, G, 1, Hg, P).reshape(Bz, Nc, G, 1, Hg * P)  # [Bz,Nc,G,1,Hg*P]
+    U = Bc.transpose(-1, -2) @ scaled_x(dt_pad * exp_decay(last - b))  # [Bz,Nc,G,N,Hg*P]
+    decay = exp_decay(last).expand(Bz, Nc, G, 1, Hg, P).reshape(Bz, Nc, G, 1, Hg * P)  # [Bz,Nc,G,1,Hg*P]
     S0 = initial_state if initial_state is not None else x.new_zeros(Bz, H, N, P)
     S = S0.view(Bz, G, Hg, N, P).transpose(2, 3).reshape(Bz, G, N, Hg * P)  # [Bz,G,N,Hg*P]
     if in_place:  # [Nc+1, Bz,G,N,Hg*P]: the state entering chunk n at n, the final state last
@@ -122,9 +122,9 @@ def chunk_ssd(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, initial_
     inter = (Cc @ S_start).view(shape6)  # [Bz,Nc,G,L,Hg,P]
     if in_place:  # y = intra + e^b * inter, written straight into the [B, T, H, P] layout
         y = torch.empty(Bz, Nc, L, G, Hg, P, dtype=x.dtype, device=x.device)
-        torch.addcmul(intra, inter, b.exp(), out=y.transpose(2, 3))
+        torch.addcmul(intra, inter, exp_decay(b), out=y.transpose(2, 3))
     else:
-        y = torch.addcmul(intra, inter, b.exp()).transpose(2, 3)
+        y = torch.addcmul(intra, inter, exp_decay(b)).transpose(2, 3)
     y = y.reshape(Bz, Nc * L, H, P)[:, :T]
     final = S.view(Bz, G, N, Hg, P).transpose(2, 3).reshape(Bz, H, N, P) if output_final_state else None
     return y, final
@@ -138,9 +138,9 @@ def _exact_intra(intra: Tensor, scores: Tensor, x: Tensor, dt: Tensor, b: Tensor
     L = b.shape[3]
     causal = torch.ones(L, L, dtype=torch.bool, device=b.device).tril()
     bw = b[bi, ni, gi, :, hi, 0]  # [n, L]
-    diff = (bw[:, :, None] - bw[:, None, :]).masked_fill(~causal, -math.inf)
+    decays = exp_decay(bw[:, :, None] - bw[:, None, :], causal)  # [n, L, L] exp(b_t - b_s), 0 above
     xdt = x[bi, ni, gi, :, hi] * dt[bi, ni, gi, :, hi]  # [n, L, P]
-    exact = (scores[bi, ni, gi] * diff.clamp_max(0.0).exp()) @ xdt  # [n, L, P]
+    exact = (scores[bi, ni, gi] * decays) @ xdt  # [n, L, P]
     intra = intra.clone()
     intra[bi, ni, gi, :, hi] = exact
     return intra
