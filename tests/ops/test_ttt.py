@@ -250,6 +250,6 @@ def test_fused_inner_helpers_match_plain_ones():
     ref = eta * ttt._ln_l2_grad(z, target, w, b, 1e-6)
     fused = ttt._ln_l2_grad_scaled(z, (b - target) * w, w * w, eta, 1e-6)
     assert_close(fused, ref, atol=1e-12, rtol=1e-12)
-    gelu, gelu_grad = ttt._gelu_and_grad(z)
+    gelu, gelu_grad = ttt.gelu_tanh_and_grad(z)  # the dual form's; the token loops use the others
     assert_close(gelu, ttt._gelu(z), atol=1e-12, rtol=1e-12)
     assert_close(gelu_grad, ttt._gelu_grad(z), atol=1e-12, rtol=1e-12)

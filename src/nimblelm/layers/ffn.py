@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.config import ModelConfig
+from ..ops.activations import gelu_tanh
 from .packing import PackedLinears, RepacksOnConversion
 from .registry import register_ffn
 
@@ -29,7 +30,7 @@ class MLP(RepacksOnConversion, nn.Module):
         return self.down_proj(F.gelu(up)), None
 
 
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": gelu_tanh}
 
 
 @register_ffn("swiglu")

@@ -55,6 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .activations import gelu_tanh, gelu_tanh_and_grad
+
 __all__ = [
     "naive_ttt_linear", "ttt_linear", "step_ttt_linear",
     "naive_ttt_mlp", "ttt_mlp", "step_ttt_mlp",
@@ -104,18 +106,10 @@ def _gelu(x: Tensor) -> Tensor:
 
 
 def _gelu_grad(x: Tensor) -> Tensor:
-    """Derivative of the tanh-approximated GELU."""
+    """Derivative of the tanh-approximated GELU (the token loops; the dual form uses
+    activations.gelu_tanh_and_grad, so the two forms check each other)."""
     t = torch.tanh(_GELU_C * (x + 0.044715 * x ** 3))
     return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * x * x)
-
-
-def _gelu_and_grad(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(gelu(x), gelu'(x)) for the tanh approximation, sharing one tanh (dual form)."""
-    xx = x * x
-    t = torch.tanh(x * (xx * (_GELU_C * 0.044715) + _GELU_C))
-    half = t * 0.5 + 0.5  # 0.5 (1 + t)
-    slope = xx * (3 * _GELU_C * 0.044715) + _GELU_C  # d tanh-argument / dx
-    return x * half, torch.addcmul(half, x * (1 - t * t), slope, value=0.5)
 
 
 def _init_state(keys, params, B: int, initial_state: dict | None) -> dict:
@@ -264,14 +258,14 @@ def _mlp_block(W, P: dict, n: int, prior, want_raw: bool):
     W1, W2, b2 = W
     b = P["eta"].shape[2]
     Z1 = P["kq"][n] @ W1  # [G,2b,F]
-    x2, x2_grad = _gelu_and_grad(Z1[:, :b])  # [G,b,F] x2
+    x2, x2_grad = gelu_tanh_and_grad(Z1[:, :b])  # [G,b,F] x2
     z2 = torch.baddbmm(b2, x2, W2)  # [G,b,D]
     g2 = _ln_l2_grad_scaled(z2, P["ln_shift"][n], P["w_sq"], P["eta"][n], P["eps"])
     g1 = (g2 @ W2.transpose(-1, -2)) * x2_grad  # [G,b,F]
     pre = torch.baddbmm(Z1[:, b:], P["att"][n], g1, alpha=-1)  # [G,b,F]
     if prior is not None:
         pre = pre - P["ts"] * (P["kq"][n][:, b:] @ prior[0])
-    h = _gelu(pre)
+    h = gelu_tanh(pre)
     att2 = torch.baddbmm(P["causal"].new_ones(()), h, x2.transpose(-1, -2)) * P["causal"]
     z = torch.baddbmm(torch.baddbmm(b2, h, W2), att2, g2, alpha=-1)  # [G,b,D]
     g2_last = P["ts_last"] * g2
