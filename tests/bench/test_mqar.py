@@ -171,3 +171,37 @@ def test_horizon_fit_ignores_slow_first_steps_and_keeps_refitting():
     clock["t"] = 0.8 + 0.01 * 78
     fit.update(80, schedule, max_steps=50)  # the next fit (10, 20, 40, 80, ...): capped, but never below step + 1
     assert schedule.total_steps == 81
+
+
+def test_mixer_options_reach_the_model_and_keep_runs_apart(tmp_path, monkeypatch):
+    """--mixer-option feature_map=identity builds linear_attn with the identity map, and its runs
+    neither resume from nor merge with the runs without options."""
+    out = tmp_path / "r.json"
+    plain = dict(mixer="linear_attn", d_model=32, seq_len=16, num_kv_pairs=2, lr=0.01, accuracy=1.0, train_loss=0.0,
+                 steps=1, seconds=0.0, stop="target", curve=[], params=1, state_bytes=1, decode_tokens_per_s=1.0)
+    out.write_text(json.dumps({"runs": [plain]}))
+    seen = []
+
+    def fake_train(setting, lr, opts, data=None, progress=None):
+        model = mqar_train.LanguageModel(mqar_train.mqar_config(setting, opts))
+        seen.append(model.blocks[1].mixer.feature_map)
+        return {**plain, "accuracy": 0.5}
+
+    monkeypatch.setattr(mqar, "train_one", fake_train)
+    monkeypatch.setattr(mqar, "decode_throughput", lambda *a, **k: 1.0)
+    argv = ["--quick", "--mixers", "linear_attn", "--json", str(out), "--resume",
+            "--mixer-option", "feature_map=identity"]
+    assert mqar.main(argv) == 0
+    assert seen == ["identity"]
+    saved = json.loads(out.read_text())
+    assert [r.get("mixer_options") for r in saved["runs"]] == [None, {"feature_map": "identity"}]
+    assert {r["mixer"]: r["accuracy"] for r in saved["best"]} == {"linear_attn": 1.0,
+                                                                 "linear_attn[feature_map=identity]": 0.5}
+    assert mqar.main(argv) == 0 and seen == ["identity"]  # resumed: not trained again
+
+
+def test_mixer_option_values_and_errors():
+    assert mqar.parse_mixer_options(["feature_map=identity", "expand=2", "flag=true"]) == {
+        "feature_map": "identity", "expand": 2, "flag": True}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        mqar.parse_mixer_options(["feature_map"])

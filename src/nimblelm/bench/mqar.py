@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, help="steps between test evaluations (default 200)")
     p.add_argument("--num-heads", type=int, default=2, help="heads of every mixer (default 2)")
     p.add_argument("--window", type=int, default=16, help="local_attention window (default 16)")
+    p.add_argument("--mixer-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an entry of ModelConfig.extra for the mixers under test, e.g. feature_map=identity "
+                        "(repeatable; VALUE is read as JSON when it parses, else as a string); runs with "
+                        "options are kept apart from runs without in the JSON and the table")
     p.add_argument("--all-lrs", action="store_true", help="run every lr even after one reached 99%%")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
@@ -97,13 +101,37 @@ def resolve(args: argparse.Namespace) -> dict:
         check_sizes(o["vocab_size"], int(length), int(kv))
         tasks.append((int(length), int(kv)))
     o["tasks"] = tasks
+    o["mixer_options"] = parse_mixer_options(getattr(args, "mixer_option", None) or [])
     return o
+
+
+def parse_mixer_options(items: list[str]) -> dict:
+    """``["feature_map=identity", "expand=2"]`` -> ``{"feature_map": "identity", "expand": 2}`` (ValueError)."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--mixer-option takes KEY=VALUE, got {item!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
+def mixer_label(run: dict) -> str:
+    """The mixer's name, with its options when it ran with any: ``linear_attn[feature_map=identity]``."""
+    options = run.get("mixer_options") or {}
+    if not options:
+        return run["mixer"]
+    return run["mixer"] + "[" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) + "]"
 
 
 def _options(o: dict, args: argparse.Namespace) -> TrainOptions:
     return TrainOptions(vocab_size=o["vocab_size"], num_train=o["num_train"], num_test=o["num_test"],
                         batch_size=o["batch_size"], max_steps=o["max_steps"], time_limit_s=o["time_limit"],
-                        eval_every=o["eval_every"], num_heads=args.num_heads, window=args.window, seed=args.seed)
+                        eval_every=o["eval_every"], num_heads=args.num_heads, window=args.window, seed=args.seed,
+                        extra=dict(o["mixer_options"]))
 
 
 def _results_path(args: argparse.Namespace) -> str | None:
@@ -120,7 +148,8 @@ def _load_previous(path: str | None, resume: bool) -> list[dict]:
 
 
 def _key(run: dict) -> tuple:
-    return run["mixer"], run["d_model"], run["seq_len"], run["num_kv_pairs"], float(run["lr"])
+    """(mixer label, d_model, seq_len, kv, lr): what makes two runs the same run."""
+    return mixer_label(run), run["d_model"], run["seq_len"], run["num_kv_pairs"], float(run["lr"])
 
 
 def run_mqar(args: argparse.Namespace) -> dict:
@@ -146,13 +175,16 @@ def run_mqar(args: argparse.Namespace) -> dict:
             data_cache.clear()
             data_cache[task] = make_data(setting, opts)
         for lr in o["lrs"]:
-            mine = [r for r in runs if _key(r)[:4] == _key({**vars(setting), "lr": 0})[:4]]
+            this = {**vars(setting), "lr": float(lr), "mixer_options": o["mixer_options"]}
+            mine = [r for r in runs if _key(r)[:4] == _key(this)[:4]]
             solved = any(r["accuracy"] >= opts.target_accuracy for r in mine)
-            if (setting.mixer, setting.d_model, *task, float(lr)) in done or (solved and not args.all_lrs):
+            if _key(this) in done or (solved and not args.all_lrs):
                 bar.update(1)
                 continue
             record = train_one(setting, lr, opts, data_cache[task], progress=bar)
             record["decode_tokens_per_s"] = round(decode_throughput(setting, opts), 1)
+            if o["mixer_options"]:
+                record["mixer_options"] = dict(o["mixer_options"])
             runs.append(record)
             bar.update(1)
             results["best"] = best_rows(runs)
@@ -184,15 +216,18 @@ def _report_only(args: argparse.Namespace) -> dict:
 
 
 def best_rows(runs: list[dict]) -> list[dict]:
-    """One row per (mixer, d_model, seq_len, kv): the run with the best accuracy over learning rates."""
+    """One row per (mixer label, d_model, seq_len, kv): the run with the best accuracy over learning
+    rates; a row's "mixer" is the label (with the mixer options it ran with, if any)."""
     best: dict[tuple, dict] = {}
     for r in runs:
         key = _key(r)[:4]
         if key not in best or r["accuracy"] > best[key]["accuracy"]:
             best[key] = r
-    rows = [{k: v for k, v in r.items() if k != "curve"} for r in best.values()]
+    rows = [{**{k: v for k, v in r.items() if k != "curve"}, "mixer": mixer_label(r), "base_mixer": r["mixer"]}
+            for r in best.values()]
     order = {m: i for i, m in enumerate(MIXERS)}
-    return sorted(rows, key=lambda r: (r["seq_len"], r["num_kv_pairs"], r["d_model"], order.get(r["mixer"], 99)))
+    return sorted(rows, key=lambda r: (r["seq_len"], r["num_kv_pairs"], r["d_model"], order.get(r["base_mixer"], 99),
+                                       r["mixer"]))
 
 
 def format_table(results: dict) -> str:
