@@ -114,6 +114,35 @@ def test_negative_control_conv_only_cannot_recall():
     assert record["accuracy"] < 0.6, record
 
 
+def test_a_run_cut_to_the_time_budget_says_time(monkeypatch):
+    """The horizon fit shortens the cosine schedule to the time budget, so the run finishes
+    its (shortened) schedule before max_steps and before the deadline: its record must say
+    "time", not "max_steps". A clock that ticks 9.9 ms per training step (1 s budget) makes it
+    exact: the fit lands on step 101, at 0.9999 s."""
+    ticks = {"n": 0}
+
+    class TickClock:
+        def __init__(self, seconds):
+            self.seconds = seconds
+
+        def elapsed(self):
+            return 0.0099 * ticks["n"]
+
+        def expired(self):
+            return self.elapsed() >= self.seconds
+
+    def ticking_logits(*args, **kwargs):
+        ticks["n"] += torch.is_grad_enabled()  # training steps tick, evaluations do not
+        return labelled_logits(*args, **kwargs)
+
+    monkeypatch.setattr(mqar_train, "Deadline", TickClock)
+    monkeypatch.setattr(mqar_train, "labelled_logits", ticking_logits)
+    opts = TrainOptions(vocab_size=64, num_train=500, num_test=50, batch_size=8, max_steps=100_000,
+                        time_limit_s=1.0, eval_every=10_000)
+    record = mqar_train.train_one(MQARSetting("short_conv", 16, 16, 2), 1e-2, opts)
+    assert record["steps"] == 101 and record["stop"] == "time", record
+
+
 def test_resume_skips_finished_runs(tmp_path, monkeypatch):
     out = tmp_path / "r.json"
     fake = dict(mixer="attention", d_model=32, seq_len=16, num_kv_pairs=2, lr=0.01, accuracy=1.0, train_loss=0.0,

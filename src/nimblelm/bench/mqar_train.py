@@ -134,6 +134,8 @@ def train_one(setting: MQARSetting, lr: float, opts: TrainOptions,
         if deadline.expired():
             stop = "time"
             break
+    if stop == "max_steps" and step < opts.max_steps:
+        stop = "time"  # the horizon fit shortened the schedule to the time budget
     return dict(**asdict(setting), lr=lr, accuracy=best_acc, train_loss=last_loss, steps=step,
                 seconds=round(deadline.elapsed(), 2), stop=stop, curve=curve,
                 params=model.num_parameters(), state_bytes=mixer_state_bytes(model, setting.seq_len))
