@@ -80,6 +80,18 @@ def test_forms_agree_float64(form, T, chunk_size, gated):
         assert_close(grads[name], g_ref[name], atol=1e-10, rtol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("gated", [True, False])
+def test_chunk_without_autograd_writes_the_same_results(gated):
+    """Without autograd the chunk carry writes into preallocated buffers (out=); it must give
+    the naive loop's outputs and final state, like the autograd path."""
+    x = {n: (t.detach() if t is not None else None) for n, t in make_inputs(T=37, gated=gated).items()}
+    with torch.no_grad():
+        o_ref, S_ref = naive_delta_rule(**x, output_final_state=True)
+        o, S = chunk_delta_rule(**x, output_final_state=True, chunk_size=16)
+    assert_close(o, o_ref, atol=1e-10, rtol=1e-10)
+    assert_close(S, S_ref, atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.parametrize("gates", ["wide", "deep_start", "mixed"])
 def test_gated_chunk_decay_paths_float64(gates):
     """Gated decays enter the chunk products through gla's reference point: chunks spanning

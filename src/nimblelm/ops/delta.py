@@ -88,6 +88,11 @@ def _to_chunks(x: Tensor, pad: int, C: int) -> Tensor:
     return x.transpose(2, 3).movedim(1, 0).contiguous()  # [N,B,H,C,*D]
 
 
+def _in_place(*tensors: Tensor | None) -> bool:
+    """True when nothing here needs autograd, so results may be written with out=."""
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
 def _chunk_terms(q, k, v, beta, g, scale):
     """Everything that does not depend on the carried state, for all chunks at once.
 
@@ -139,16 +144,30 @@ def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | 
     k_out_t = k_out.flatten(1, 2).transpose(-1, -2)  # [N,B*H,Dk,C]
     decay = None if chunk_decay is None else chunk_decay.reshape(N, B * H, 1, 1)
     S3 = S.reshape(B * H, Dk, Dv)
-    states, corrections = [], []
-    for n in range(N):
-        states.append(S3)
-        d = torch.baddbmm(u3[n], w3[n], S3, alpha=-1)  # [B*H,C,Dv]
-        corrections.append(d)
-        S3 = torch.baddbmm(S3 if decay is None else S3 * decay[n], k_out_t[n], d)
-    S = S3.reshape(B, H, Dk, Dv)
+    if _in_place(q, k, v, beta, g, initial_state):
+        # no autograd: the states entering each chunk and the corrections go straight into
+        # preallocated buffers (out=), with no per-chunk copies and no stacking
+        states = S3.new_empty(N + 1, B * H, Dk, Dv)  # the state entering chunk n at n, the final last
+        corrections = u3.new_empty(u3.shape)  # [N,B*H,C,Dv]
+        states[0] = S3
+        for n in range(N):
+            torch.baddbmm(u3[n], w3[n], states[n], alpha=-1, out=corrections[n])
+            if decay is None:
+                torch.baddbmm(states[n], k_out_t[n], corrections[n], out=states[n + 1])
+            else:
+                torch.mul(states[n], decay[n], out=states[n + 1]).baddbmm_(k_out_t[n], corrections[n])
+        S, states = states[N].reshape(B, H, Dk, Dv), states[:N]
+    else:
+        starts, ds = [], []
+        for n in range(N):
+            starts.append(S3)
+            d = torch.baddbmm(u3[n], w3[n], S3, alpha=-1)  # [B*H,C,Dv]
+            ds.append(d)
+            S3 = torch.baddbmm(S3 if decay is None else S3 * decay[n], k_out_t[n], d)
+        S, states, corrections = S3.reshape(B, H, Dk, Dv), torch.stack(starts), torch.stack(ds)
     # outputs of all chunks at once: o_n = q_in_n S_n + attn_n d_n
-    o = q_in.flatten(0, 2) @ torch.stack(states).flatten(0, 1)  # [N*B*H,C,Dv]
-    o = o.baddbmm_(attn.flatten(0, 2), torch.stack(corrections).flatten(0, 1)).unflatten(0, (N, B, H))
+    o = q_in.flatten(0, 2) @ states.flatten(0, 1)  # [N*B*H,C,Dv]
+    o = o.baddbmm_(attn.flatten(0, 2), corrections.flatten(0, 1)).unflatten(0, (N, B, H))
     o = o.permute(1, 0, 3, 2, 4).reshape(B, -1, H, o.shape[-1])[:, :T]  # [B,T,H,Dv]
     return o, (S if output_final_state else None)
 
