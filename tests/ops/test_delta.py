@@ -90,6 +90,7 @@ def test_chunk_without_autograd_writes_the_same_results(gated):
         o, S = chunk_delta_rule(**x, output_final_state=True, chunk_size=16)
     assert_close(o, o_ref, atol=1e-10, rtol=1e-10)
     assert_close(S, S_ref, atol=1e-10, rtol=1e-10)
+    assert S.untyped_storage().nbytes() == S.nbytes, "the final state must not keep the chunk buffer alive"
 
 
 @pytest.mark.parametrize("gates", ["wide", "deep_start", "mixed"])

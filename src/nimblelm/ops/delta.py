@@ -156,7 +156,8 @@ def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | 
                 torch.baddbmm(states[n], k_out_t[n], corrections[n], out=states[n + 1])
             else:
                 torch.mul(states[n], decay[n], out=states[n + 1]).baddbmm_(k_out_t[n], corrections[n])
-        S, states = states[N].reshape(B, H, Dk, Dv), states[:N]
+        # the final state is cloned: a view would keep the whole buffer alive in a cache
+        S, states = states[N].reshape(B, H, Dk, Dv).clone(), states[:N]
     else:
         starts, ds = [], []
         for n in range(N):
