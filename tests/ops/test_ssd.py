@@ -39,6 +39,8 @@ def test_chunk_ssd_equals_the_oracle_in_float64(dt_scale, G, chunk):
     y_ref, S_ref = oracle(x, dt, A, Bm, Cm, S0)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(S, S_ref, rtol=1e-10, atol=1e-10)
+    assert S.is_contiguous() and S.untyped_storage().nbytes() == S.nbytes, \
+        "the final state must not keep the chunk-state buffer alive"
 
 
 @pytest.mark.parametrize("dt_scale", [3.0, 30.0])  # 30: chunks too wide for the factored form

@@ -126,7 +126,10 @@ def chunk_ssd(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, initial_
     else:
         y = torch.addcmul(intra, inter, exp_decay(b)).transpose(2, 3)
     y = y.reshape(Bz, Nc * L, H, P)[:, :T]
-    final = S.view(Bz, G, N, Hg, P).transpose(2, 3).reshape(Bz, H, N, P) if output_final_state else None
+    # a copy, never a view: the final state must not keep the chunk-state buffer alive in a cache
+    final = None
+    if output_final_state:
+        final = S.view(Bz, G, N, Hg, P).transpose(2, 3).reshape(Bz, H, N, P).clone(memory_format=torch.contiguous_format)
     return y, final
 
 
