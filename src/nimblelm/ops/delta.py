@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .gla import causal_mask, decayed_causal_scores, exp_decay
+from .gla import causal_mask, decayed_causal_scores, exp_decay, needs_autograd
 from .triangular import unit_lower_solve
 
 __all__ = ["naive_delta_rule", "chunk_delta_rule", "step_delta_rule"]
@@ -88,11 +88,6 @@ def _to_chunks(x: Tensor, pad: int, C: int) -> Tensor:
     return x.transpose(2, 3).movedim(1, 0).contiguous()  # [N,B,H,C,*D]
 
 
-def _in_place(*tensors: Tensor | None) -> bool:
-    """True when nothing here needs autograd, so results may be written with out=."""
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
-
-
 def _chunk_terms(q, k, v, beta, g, scale):
     """Everything that does not depend on the carried state, for all chunks at once.
 
@@ -144,7 +139,7 @@ def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | 
     k_out_t = k_out.flatten(1, 2).transpose(-1, -2)  # [N,B*H,Dk,C]
     decay = None if chunk_decay is None else chunk_decay.reshape(N, B * H, 1, 1)
     S3 = S.reshape(B * H, Dk, Dv)
-    if _in_place(q, k, v, beta, g, initial_state):
+    if not needs_autograd(q, k, v, beta, g, initial_state):
         # no autograd: the states entering each chunk and the corrections go straight into
         # preallocated buffers (out=), with no per-chunk copies and no stacking
         states = S3.new_empty(N + 1, B * H, Dk, Dv)  # the state entering chunk n at n, the final last

@@ -134,6 +134,12 @@ def exp_decay(x: Tensor, keep: Tensor | None = None) -> Tensor:
     return w if keep is None else w * keep.to(w.dtype)
 
 
+def needs_autograd(*tensors: Tensor | None) -> bool:
+    """True when autograd must track this call (grad mode on and some tensor requires grad);
+    the chunk forms write into preallocated buffers (out=) only when it is False."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def causal_mask(C: int, like: Tensor) -> Tensor:
     """[C, C] lower triangle (diagonal included) of ones in ``like``'s dtype and device:
     multiplying by it is 3-4x faster than ``tril()`` on CPU and differentiable."""

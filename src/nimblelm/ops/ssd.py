@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .gla import exp_decay, naive_gla
+from .gla import exp_decay, naive_gla, needs_autograd
 
 _SAFE_SPAN = 80.0  # widest in-chunk log-decay span scored with the factored form
 _CLAMP = 44.0
@@ -70,8 +70,7 @@ def chunk_ssd(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, initial_
     L = max(1, min(chunk_size, T))
     Nc = max(1, math.ceil(T / L))
     # without autograd, results are written straight into preallocated buffers (out=)
-    in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, Bm, Cm, initial_state)
-                                                    if t is not None))
+    in_place = not needs_autograd(x, dt, A, Bm, Cm, initial_state)
 
     def wide(t: Tensor) -> Tensor:  # [Bz,Nc,L,H(,1 or P)] -> view [Bz,Nc,G,L,Hg,(1 or P)]
         t = t.view(Bz, Nc, L, G, Hg, -1) if t.dim() == 5 else t.view(Bz, Nc, L, G, Hg, 1)
