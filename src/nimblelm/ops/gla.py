@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["naive_gla", "chunk_gla", "step_gla", "retnet_log_decay", "decayed_causal_scores", "exp_decay",
-           "causal_mask"]
+           "causal_mask", "needs_autograd"]
 
 State = Tensor | tuple[Tensor, Tensor]
 

@@ -125,10 +125,10 @@ def chunk_ssd(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, initial_
     else:
         y = torch.addcmul(intra, inter, exp_decay(b)).transpose(2, 3)
     y = y.reshape(Bz, Nc * L, H, P)[:, :T]
-    # a copy, never a view: the final state must not keep the chunk-state buffer alive in a cache
     final = None
-    if output_final_state:
-        final = S.view(Bz, G, N, Hg, P).transpose(2, 3).reshape(Bz, H, N, P).clone(memory_format=torch.contiguous_format)
+    if output_final_state:  # one copy into a fresh [Bz,H,N,P]: a view would keep the chunk-state buffer alive
+        final = S.new_empty(Bz, H, N, P)
+        final.view(Bz, G, Hg, N, P).copy_(S.view(Bz, G, N, Hg, P).transpose(2, 3))
     return y, final
 
 
