@@ -80,11 +80,14 @@ def test_forms_agree_float64(form, T, chunk_size, gated):
         assert_close(grads[name], g_ref[name], atol=1e-10, rtol=1e-10, msg=name)
 
 
-@pytest.mark.parametrize("gated", [True, False])
-def test_chunk_without_autograd_writes_the_same_results(gated):
-    """Without autograd the chunk carry writes into preallocated buffers (out=); it must give
-    the naive loop's outputs and final state, like the autograd path."""
-    x = {n: (t.detach() if t is not None else None) for n, t in make_inputs(T=37, gated=gated).items()}
+@pytest.mark.parametrize("gates", ["none", "mild", "wide"])
+def test_chunk_without_autograd_writes_the_same_results(gates):
+    """Without autograd the solve's right-hand side and the chunk carry are written into
+    preallocated buffers (out=); it must give the naive loop's outputs and final state, like
+    the autograd path, also for chunks wider than the reference point's safe span."""
+    g_range = (-20.0, -5.0) if gates == "wide" else (-3.0, 0.0)
+    x = make_inputs(T=37, gated=gates != "none", g_range=g_range)
+    x = {n: (t.detach() if t is not None else None) for n, t in x.items()}
     with torch.no_grad():
         o_ref, S_ref = naive_delta_rule(**x, output_final_state=True)
         o, S = chunk_delta_rule(**x, output_final_state=True, chunk_size=16)
@@ -95,9 +98,9 @@ def test_chunk_without_autograd_writes_the_same_results(gated):
 
 @pytest.mark.parametrize("gates", ["wide", "deep_start", "mixed"])
 def test_gated_chunk_decay_paths_float64(gates):
-    """Gated decays enter the chunk products through gla's reference point: chunks spanning
-    more than its safe range (sub-chunked scores), chunks opening with a -60 step (reference
-    point below -40: exact decays) and mild chunks, alone and mixed, all equal the naive loop."""
+    """Gated decays enter the chunk products through a reference point per chunk: chunks
+    spanning more than its safe range (exact [C, C] decay matrix), chunks opening with a -60
+    step and mild chunks, alone and mixed, all equal the naive loop."""
     x = make_inputs(T=70, g_range=(-20.0, -5.0) if gates == "wide" else (-0.5, 0.0))
     with torch.no_grad():
         if gates == "deep_start":

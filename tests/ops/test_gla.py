@@ -195,9 +195,9 @@ def test_chunk_local_keeps_float32_decays_normal(mode):
 
 
 def test_per_dim_one_reference_float32_at_the_safe_limit():
-    """A decay span just under _SAFE_RANGE per chunk (one reference point) is accurate in fp32."""
+    """A decay span just under SAFE_SPAN per chunk (one reference point) is accurate in fp32."""
     qkv, _, state = make_inputs("none", B=1, T=256, H=2, Dk=16, Dv=16)
-    gk = torch.full(qkv[0].shape, -0.99 * gla._SAFE_RANGE / 63, dtype=torch.float64)
+    gk = torch.full(qkv[0].shape, -0.99 * gla.SAFE_SPAN / 63, dtype=torch.float64)
     ref, ref_grads = run_with_grads(naive_gla, qkv, {"gk": gk}, state)
     got, grads = run_with_grads(chunk_gla, [x.float() for x in qkv], {"gk": gk.float()}, state.float())
     for a, b in zip(got + grads, ref + ref_grads):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .gla import causal_mask, decayed_causal_scores, exp_decay, needs_autograd
+from .gla import FACTOR_CLAMP, SAFE_SPAN, causal_mask, exp_decay, needs_autograd
 from .triangular import unit_lower_solve
 
 __all__ = ["naive_delta_rule", "chunk_delta_rule", "step_delta_rule"]
@@ -88,31 +88,74 @@ def _to_chunks(x: Tensor, pad: int, C: int) -> Tensor:
     return x.transpose(2, 3).movedim(1, 0).contiguous()  # [N,B,H,C,*D]
 
 
-def _chunk_terms(q, k, v, beta, g, scale):
+def _chunk_terms(q, k, v, beta, g, scale, in_place):
     """Everything that does not depend on the carried state, for all chunks at once.
 
     Inputs in chunk layout: q, k [N,B,H,C,Dk], v [N,B,H,C,Dv], beta, g [N,B,H,C] (g None:
-    no gate, every decay 1, and chunk_decay is returned as None).
+    no gate, every decay 1, and chunk_decay is returned as None). in_place: no autograd, so
+    the solve's right-hand side is written into one buffer instead of concatenated.
     Within a chunk with cumulative log-decay gam_i, the delta-rule corrections
     d_i = beta_i (v_i - a_i S_{i-1}^T k_i) solve (I + A) d = beta V - beta Gamma K S_0
     with A_ij = beta_i (k_i . k_j) exp(gam_i - gam_j) for j < i, so d = u - w S_0.
     """
     if g is None:
-        return _chunk_terms_ungated(q, k, v, beta, scale)
+        return _chunk_terms_ungated(q, k, v, beta, scale, in_place)
     gam = g.cumsum(-1)  # [N,B,H,C]
-    b = gam[..., None]  # [N,B,H,C,1]: decays enter the products through q, k (gla's reference point)
-    bk = beta[..., None] * k  # [N,B,H,C,Dk]
-    A = decayed_causal_scores(bk, k, b)  # [N,B,H,C,C], strictly lower part used
+    scores = _ScalarDecayScores(k, gam)
+    A = scores(k, beta, causal=False)  # [N,B,H,C,C]; the solve reads its strictly lower part only
     gam_exp = exp_decay(gam)  # decay from the chunk start, [N,B,H,C]
-    rhs = torch.cat([beta[..., None] * v, gam_exp[..., None] * bk], dim=-1)
+    rhs = _rhs(v, beta, k, beta * gam_exp, in_place)  # [beta v, beta gam_exp k]
     sol = unit_lower_solve(A, rhs)  # (I + strictly_lower(A))^-1 rhs
     u, w = sol.split([v.shape[-1], k.shape[-1]], dim=-1)  # [N,B,H,C,Dv], [N,B,H,C,Dk]
-    q = q * scale
-    attn = decayed_causal_scores(q, k, b)  # [N,B,H,C,C], lower incl. diag
-    q_in = q * gam_exp[..., None]  # reads S_0, [N,B,H,C,Dk]
+    attn = scores(q, scale, causal=True)  # [N,B,H,C,C], lower incl. diag
+    q_in = q * (scale * gam_exp)[..., None]  # reads S_0, [N,B,H,C,Dk]
     k_out = k * exp_decay(gam[..., -1:] - gam)[..., None]  # writes S_C, [N,B,H,C,Dk]
     chunk_decay = gam_exp[..., -1]  # [N,B,H]
     return u, w, attn, q_in, k_out, chunk_decay
+
+
+def _rhs(v: Tensor, v_weight: Tensor, k: Tensor, k_weight: Tensor, in_place: bool) -> Tensor:
+    """[v_weight v, k_weight k] along the last dim, [N,B,H,C,Dv+Dk]; weights [N,B,H,C]."""
+    if not in_place:
+        return torch.cat([v * v_weight[..., None], k * k_weight[..., None]], dim=-1)
+    Dv = v.shape[-1]
+    out = v.new_empty(*v.shape[:-1], Dv + k.shape[-1])
+    torch.mul(v, v_weight[..., None], out=out[..., :Dv])
+    torch.mul(k, k_weight[..., None], out=out[..., Dv:])
+    return out
+
+
+class _ScalarDecayScores:
+    """Decayed causal scores of several queries against one key tensor, for a scalar
+    (per-head) cumulative log-decay: ``self(x, w)[i, j] = w_i x_i . k_j exp(gam_i - gam_j)``.
+
+    k [N,B,H,C,Dk]; gam [N,B,H,C]. The decays enter through per-position factors
+    exp(+-(gam - r)) around each chunk's mid-point r (gla's reference point), so k's factor
+    is applied once for all queries; a chunk whose span exceeds gla's safe range takes the
+    exact [C, C] decay matrix instead (every entry <= 1)."""
+
+    def __init__(self, k: Tensor, gam: Tensor):
+        hi, lo = gam.amax(-1, keepdim=True).detach(), gam.amin(-1, keepdim=True).detach()
+        r = (hi + lo) / 2  # cancels exactly, hence no gradient through it
+        self.factor = (gam - r).clamp(-FACTOR_CLAMP, FACTOR_CLAMP).exp()  # [N,B,H,C], within e^(+-44)
+        self.k_ref_t = (k * (r - gam).clamp(-FACTOR_CLAMP, FACTOR_CLAMP).exp()[..., None]).transpose(-1, -2)
+        self.wide = ((hi - lo) > SAFE_SPAN).squeeze(-1)  # [N,B,H]
+        self.k, self.gam = k, gam
+
+    def __call__(self, x: Tensor, w: Tensor | float, causal: bool) -> Tensor:
+        """x [N,B,H,C,Dk], w [N,B,H,C] or a number -> [N,B,H,C,C]; above the diagonal zero
+        when causal, else unspecified (finite)."""
+        C = x.shape[-2]
+        scores = (x * (self.factor * w)[..., None]) @ self.k_ref_t
+        if causal:
+            scores = scores * causal_mask(C, x)  # (faster than tril())
+        if bool(self.wide.any()):
+            wide = self.wide
+            xw = x[wide] * (w[wide][..., None] if isinstance(w, Tensor) else w)  # [n,C,Dk]
+            gam = self.gam[wide]  # [n,C]
+            decay = exp_decay(gam[..., :, None] - gam[..., None, :], keep=causal_mask(C, x).bool())
+            scores = scores.index_put((wide,), (xw @ self.k[wide].transpose(-1, -2)) * decay)
+        return scores
 
 
 def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None = None,
@@ -131,7 +174,8 @@ def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | 
     qc, kc, vc = (_to_chunks(x, pad, C) for x in (q, k, v))  # [N,B,H,C,D]
     bc = _to_chunks(beta.to(q.dtype), pad, C)  # [N,B,H,C]
     gc = None if g is None else _to_chunks(g.to(q.dtype), pad, C)  # no gate: no decays to compute
-    u, w, attn, q_in, k_out, chunk_decay = _chunk_terms(qc, kc, vc, bc, gc, scale)
+    in_place = not needs_autograd(q, k, v, beta, g, initial_state)
+    u, w, attn, q_in, k_out, chunk_decay = _chunk_terms(qc, kc, vc, bc, gc, scale, in_place)
     # only the state carry is sequential: d_n = u_n - w_n S_n, S_{n+1} = a_n S_n + k_out_n^T d_n,
     # on [B*H, ...] matrices so each is one fused baddbmm
     N, Dk, Dv = u.shape[0], q.shape[-1], v.shape[-1]
@@ -139,7 +183,7 @@ def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | 
     k_out_t = k_out.flatten(1, 2).transpose(-1, -2)  # [N,B*H,Dk,C]
     decay = None if chunk_decay is None else chunk_decay.reshape(N, B * H, 1, 1)
     S3 = S.reshape(B * H, Dk, Dv)
-    if not needs_autograd(q, k, v, beta, g, initial_state):
+    if in_place:
         # no autograd: the states entering each chunk and the corrections go straight into
         # preallocated buffers (out=), with no per-chunk copies and no stacking
         states = S3.new_empty(N + 1, B * H, Dk, Dv)  # the state entering chunk n at n, the final last
@@ -168,11 +212,11 @@ def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | 
     return o, (S if output_final_state else None)
 
 
-def _chunk_terms_ungated(q, k, v, beta, scale):
+def _chunk_terms_ungated(q, k, v, beta, scale, in_place):
     """`_chunk_terms` without a gate (plain DeltaNet): the same solve with every decay 1."""
-    bk = beta[..., None] * k  # [N,B,H,C,Dk]
-    A = bk @ k.transpose(-1, -2)  # [N,B,H,C,C], strictly lower part used
-    sol = unit_lower_solve(A, torch.cat([beta[..., None] * v, bk], dim=-1))  # (I + strictly_lower(A))^-1 rhs
+    rhs = _rhs(v, beta, k, beta, in_place)  # [beta v, beta k], [N,B,H,C,Dv+Dk]
+    A = rhs[..., v.shape[-1]:] @ k.transpose(-1, -2)  # [N,B,H,C,C], strictly lower part used
+    sol = unit_lower_solve(A, rhs)  # (I + strictly_lower(A))^-1 rhs
     u, w = sol.split([v.shape[-1], k.shape[-1]], dim=-1)  # [N,B,H,C,Dv], [N,B,H,C,Dk]
     q = q * scale
     attn = (q @ k.transpose(-1, -2)) * causal_mask(q.shape[-2], q)  # [N,B,H,C,C], lower incl. diag

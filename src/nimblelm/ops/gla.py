@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["naive_gla", "chunk_gla", "step_gla", "retnet_log_decay", "decayed_causal_scores", "exp_decay",
-           "causal_mask", "needs_autograd"]
+           "causal_mask", "needs_autograd", "SAFE_SPAN", "FACTOR_CLAMP"]
 
 State = Tensor | tuple[Tensor, Tensor]
 
@@ -257,7 +257,7 @@ def _chunk_local(q: Tensor, k: Tensor, v: Tensor, b: Tensor | None,
     last = b[..., -1:, :]  # [B,H,N,1,1|Dk] cumulative log-decay of the whole chunk (its minimum)
     q_in = ref.q_ref * ref.r.exp()
     k_out = ref.k_ref * (last - ref.r).exp()
-    exact = ref.wide | (ref.r < -_SAFE_RANGE / 2).flatten(-2).any(-1)  # [B,H,N]
+    exact = ref.wide | (ref.r < -SAFE_SPAN / 2).flatten(-2).any(-1)  # [B,H,N]
     if bool(exact.any()):
         b_x = b[exact]
         q_in = q_in.index_put((exact,), q[exact] * exp_decay(b_x))
@@ -283,12 +283,12 @@ def _intra_scores(q: Tensor, k: Tensor, b: Tensor | None, sub: int) -> Tensor:
     return (q @ k.transpose(-1, -2)) * causal_mask(q.shape[-2], q)
 
 
-# a chunk whose cumulative log-decay spans at most _SAFE_RANGE (in every key dim) is scored
+# a chunk whose cumulative log-decay spans at most SAFE_SPAN (in every key dim) is scored
 # with one reference point at the middle of that span: every factor lies in e^(+-40), so
 # in float32 nothing overflows and no product of two factors is subnormal; wider chunks
 # are sub-chunked (their clamped scores from the one-reference form are discarded)
-_SAFE_RANGE = 80.0
-_CLAMP = 44.0
+SAFE_SPAN = 80.0
+FACTOR_CLAMP = 44.0
 
 
 class _References(NamedTuple):
@@ -297,7 +297,7 @@ class _References(NamedTuple):
     q_ref: Tensor  # q exp(b - r), clamped to e^(+-44) (exact unless the chunk is wide), [..., C, Dk]
     k_ref: Tensor  # k exp(r - b), likewise
     r: Tensor  # the reference point (no gradient), [..., 1, Dk|1]
-    wide: Tensor  # [...] bool: chunks whose span exceeds _SAFE_RANGE (scores sub-chunked)
+    wide: Tensor  # [...] bool: chunks whose span exceeds SAFE_SPAN (scores sub-chunked)
 
 
 def decayed_causal_scores(q: Tensor, k: Tensor, b: Tensor, sub: int = 8) -> Tensor:
@@ -314,14 +314,14 @@ def _scored_references(q: Tensor, k: Tensor, b: Tensor, sub: int) -> _References
     C = q.shape[-2]
     hi, lo = b.amax(-2, keepdim=True).detach(), b.amin(-2, keepdim=True).detach()  # [B,H,N,1,Dk]
     r = (hi + lo) / 2  # the reference point cancels exactly, hence no gradient through it
-    factor = (b - r).clamp(-_CLAMP, _CLAMP).exp()  # [B,H,N,C,Dk], within e^(+-44)
+    factor = (b - r).clamp(-FACTOR_CLAMP, FACTOR_CLAMP).exp()  # [B,H,N,C,Dk], within e^(+-44)
     q_ref = q * factor
     if torch.is_grad_enabled() and b.requires_grad:  # d(k / factor) would reach e^88: overflow
-        k_ref = k * (r - b).clamp(-_CLAMP, _CLAMP).exp()
+        k_ref = k * (r - b).clamp(-FACTOR_CLAMP, FACTOR_CLAMP).exp()
     else:  # inference: one exponential fewer, k / factor = k exp(r - b) with the same clamp
         k_ref = k * factor.reciprocal()  # (a reciprocal and a product beat a division here)
     A = (q_ref @ k_ref.transpose(-1, -2)) * causal_mask(C, q)  # [B,H,N,C,C] (faster than tril())
-    wide = ((hi - lo) > _SAFE_RANGE).any(-1).squeeze(-1)  # [B,H,N] chunks needing sub-chunks
+    wide = ((hi - lo) > SAFE_SPAN).any(-1).squeeze(-1)  # [B,H,N] chunks needing sub-chunks
     if bool(wide.any()):  # their (clamped, finite) scores above are replaced
         A = A.index_put((wide,), _sub_chunked_in_groups(q[wide], k[wide], b[wide], sub))
     return _References(A, q_ref, k_ref, r, wide)

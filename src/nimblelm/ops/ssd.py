@@ -33,10 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .gla import exp_decay, naive_gla, needs_autograd
-
-_SAFE_SPAN = 80.0  # widest in-chunk log-decay span scored with the factored form
-_CLAMP = 44.0
+from .gla import FACTOR_CLAMP, SAFE_SPAN, exp_decay, naive_gla, needs_autograd
 
 
 def _check(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, state: Tensor | None) -> None:
@@ -93,11 +90,11 @@ def chunk_ssd(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, initial_
     scores = (Cc @ Bc.transpose(-1, -2)).masked_fill(~causal, 0.0)  # [Bz,Nc,G,L,L] C_t . B_s, s <= t
     first, last = b[:, :, :, :1], b[:, :, :, -1:]  # [Bz,Nc,G,1,Hg,1]; b decreases along the chunk
     r = ((first + last) / 2).detach()  # cancels exactly: no gradient through it
-    u = (b - r).clamp(-_CLAMP, _CLAMP).exp()  # [Bz,Nc,G,L,Hg,1]
-    w = (r - b).clamp(-_CLAMP, _CLAMP).exp()
+    u = (b - r).clamp(-FACTOR_CLAMP, FACTOR_CLAMP).exp()  # [Bz,Nc,G,L,Hg,1]
+    w = (r - b).clamp(-FACTOR_CLAMP, FACTOR_CLAMP).exp()
     shape6 = (Bz, Nc, G, L, Hg, P)
     intra = (scores @ scaled_x(dt_pad * w)).view(shape6).mul_(u)  # [Bz,Nc,G,L,Hg,P] intra-chunk part
-    too_wide = (first - last).detach() > _SAFE_SPAN  # [Bz,Nc,G,1,Hg,1]
+    too_wide = (first - last).detach() > SAFE_SPAN  # [Bz,Nc,G,1,Hg,1]
     if bool(too_wide.any()):
         intra = _exact_intra(intra, scores, x_pad, dt_pad, b, too_wide)
 
