@@ -121,6 +121,22 @@ def test_kernel_exponential(dtype, rtol, variant):
         assert math.isfinite(fn(1e4)) and fn(1e4) > 1e38
 
 
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 2e-7), (torch.float64, 5e-16)])
+def test_kernel_base_2_exponential(dtype, rtol):
+    """The selective scan's decays are 2^x: within a few ulp down to the smallest normal
+    number (x = -126 / -1022, reached by x = delta A log2(e) at delta A = -87 / -708); exactly
+    0 below it, -inf included."""
+    lib = build.load_library("scan_kernels")
+    ctype = ctypes.c_float if dtype == torch.float32 else ctypes.c_double
+    fn = getattr(lib, "nl_exp2_upto_" + ("f32" if dtype == torch.float32 else "f64"))
+    fn.restype, fn.argtypes = ctype, [ctype]
+    lo = -125.0 if dtype == torch.float32 else -1021.0
+    xs = torch.linspace(lo, 120.0, 4001, dtype=dtype).tolist() + [-1e-7, -0.5, 0.49999, 0.5, 1e-7]
+    for x in xs:
+        assert math.isclose(fn(x), 2.0 ** x, rel_tol=rtol), x
+    assert fn(-1e4) == 0.0 and fn(-math.inf) == 0.0
+
+
 def test_selective_scan_falls_back_without_the_kernel(monkeypatch):
     inputs = selective_inputs(T=30)
     want = naive_selective_scan(**inputs, output_final_state=True)
