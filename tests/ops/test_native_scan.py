@@ -45,6 +45,27 @@ def test_native_matches_naive(dtype, threads, shape):
     assert_native_matches_naive(native_selective_scan, naive_selective_scan, inputs, cot, dtype, threads)
 
 
+@pytest.mark.parametrize("B,T", [(2, 45), (1, 40), (3, 1)])
+def test_native_reads_a_strided_gate(B, T):
+    """z given as a slice of a wider projection (Mamba's ``in_proj(x).chunk(2)``) is read in
+    place through its row stride: outputs and every gradient equal the naive loop's on the
+    same values, z's gradient included (it comes back contiguous)."""
+    Dch, N = 70, 5
+    inputs = selective_inputs(B=B, T=T, Dch=Dch, N=N)
+    wide = torch.randn(B, T, 2 * Dch, dtype=torch.float64, requires_grad=True)
+    cot = [torch.randn(B, T, Dch, dtype=torch.float64), torch.randn(B, Dch, N, dtype=torch.float64)]
+    results = {}
+    for name, fn in (("native", native_selective_scan), ("naive", naive_selective_scan)):
+        z = wide[..., Dch:]  # rows Dch apart from their neighbours' starts: stride 2 Dch
+        if name == "naive":
+            z = z.contiguous()
+        y, state = fn(**{**inputs, "z": z}, output_final_state=True)
+        loss = (y * cot[0]).sum() + (state * cot[1]).sum()
+        results[name] = [y.detach(), state.detach(), torch.autograd.grad(loss, wide)[0]]
+    for got, want in zip(results["native"], results["naive"]):
+        assert_close(got, want, torch.float64)
+
+
 def test_native_gradcheck():
     inputs = selective_inputs(B=1, T=9, Dch=3, N=2)
     keys = ["u", "delta", "A", "Bmat", "Cmat", "initial_state"]

@@ -31,7 +31,7 @@ from .scan import _check_recurrence, _check_selective, chunk_selective_scan, sca
 _CHECKPOINT = 32  # steps between stored states; the backward's recompute buffer is (32+1) x N x 64
 _BLOCK = 64  # channels per kernel block (BLOCK in scan_kernels.c); thread splits align to it
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-_ABI = 4  # must equal nl_scan_kernels_abi() in scan_kernels.c: the argument lists below match it
+_ABI = 5  # must equal nl_scan_kernels_abi() in scan_kernels.c: the argument lists below match it
 _FUNCTIONS = [f"{name}_{sfx}" for sfx in _SUFFIX.values() for name in (
     "nl_s6_forward", "nl_s6_backward", "nl_lr_forward", "nl_lr_backward", "nl_rglru_forward", "nl_conv_forward",
     "nl_gated_rmsnorm")]
@@ -69,17 +69,18 @@ class _NativeSelectiveScan(torch.autograd.Function):
         Bsz, T, Dch = u.shape
         N = A.shape[1]
         u, delta, Bmat, Cmat = (t.contiguous() for t in (u, delta, Bmat, Cmat))
-        D, z = _optional(D), _optional(z)
+        D, (z, ldz) = _optional(D), _gate_rows(z, Dch)
         At = A.t().contiguous()  # [N, Dch]
         h0 = (initial_state.transpose(1, 2).contiguous() if initial_state is not None
               else u.new_zeros(Bsz, N, Dch))  # [B, N, Dch]
         y = torch.empty_like(u)
         hs = u.new_empty(Bsz, -(-T // _CHECKPOINT) + 1, N, Dch)  # states every _CHECKPOINT steps + final
         kernel = getattr(_library(), f"nl_s6_forward_{_SUFFIX[u.dtype]}")
-        args = [ptr(t) for t in (u, delta, At, Bmat, Cmat, D, z, h0, y, hs)] + int64s(Bsz, T, Dch, N, _CHECKPOINT)
+        args = [ptr(t) for t in (u, delta, At, Bmat, Cmat, D, z, h0, y, hs)] + int64s(Bsz, T, Dch, N, ldz,
+                                                                                       _CHECKPOINT)
         _run(kernel, lambda i: args, _channel_ranges(Dch))
         ctx.save_for_backward(u, delta, At, Bmat, Cmat, D, z, hs)
-        ctx.has_initial_state = initial_state is not None
+        ctx.has_initial_state, ctx.ldz = initial_state is not None, ldz
         return y, hs[:, -1].transpose(1, 2).contiguous()
 
     @staticmethod
@@ -99,10 +100,22 @@ class _NativeSelectiveScan(torch.autograd.Function):
         gC = u.new_zeros(len(ranges), Bsz, T, N)
         kernel = getattr(_library(), f"nl_s6_backward_{_SUFFIX[u.dtype]}")
         shared = [ptr(t) for t in (u, delta, At, Bmat, Cmat, D, z, hs, grad_y, g_final, gu, g_delta, gA, gD, gz)]
-        sizes = int64s(Bsz, T, Dch, N, _CHECKPOINT)
+        sizes = int64s(Bsz, T, Dch, N, ctx.ldz, _CHECKPOINT)
         _run(kernel, lambda i: shared + [ptr(gB[i]), ptr(gC[i]), ptr(g_h0)] + sizes, ranges)
         return (gu, g_delta, gA.sum(0).t(), gB.sum(0), gC.sum(0), gD.sum(0) if gD is not None else None, gz,
                 g_h0.transpose(1, 2) if ctx.has_initial_state else None)
+
+
+def _gate_rows(z: torch.Tensor | None, Dch: int) -> tuple[torch.Tensor | None, int]:
+    """(z, its row stride) for the kernel: z [B, T, Dch] as given when its rows are contiguous
+    and evenly spaced (a slice of a wider projection, like Mamba's ``in_proj(x).chunk(2)``),
+    else a contiguous copy. The stride is Dch when z is None."""
+    if z is None:
+        return None, Dch
+    Bsz, T, _ = z.shape
+    if z.stride(2) == 1 and z.stride(1) >= Dch and (Bsz == 1 or z.stride(0) == T * z.stride(1)):
+        return z, z.stride(1)
+    return z.contiguous(), Dch
 
 
 def _check_native_selective(u, delta, A, Bmat, Cmat, D, z, initial_state) -> None:
