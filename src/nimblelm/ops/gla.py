@@ -267,12 +267,23 @@ def _chunk_local(q: Tensor, k: Tensor, v: Tensor, b: Tensor | None,
 
 def _carry_states(S0: Tensor, U: Tensor, decay: Tensor | None) -> tuple[Tensor, Tensor]:
     """S0 [B,H,Dk,Dv]; U [B,H,N,Dk,Dv]; decay [B,H,N,1|Dk] or None.
-    Returns (states entering each chunk [B,H,N,Dk,Dv], final state [B,H,Dk,Dv])."""
-    prev, S = [], S0
-    for n in range(U.shape[2]):  # a loop of small adds: cumsum over dim 2 is ~10x slower on CPU
-        prev.append(S)
-        S = S + U[:, :, n] if decay is None else torch.addcmul(U[:, :, n], S, decay[:, :, n, :, None])
-    return torch.stack(prev, dim=2), S
+    Returns (states entering each chunk [B,H,N,Dk,Dv], final state [B,H,Dk,Dv]).
+    A loop of small adds (cumsum over dim 2 is ~10x slower on CPU); without autograd they
+    write straight into the result (out=) instead of being stacked."""
+    N = U.shape[2]
+    step = (lambda S, n, out=None: torch.add(S, U[:, :, n], out=out)) if decay is None else \
+        (lambda S, n, out=None: torch.addcmul(U[:, :, n], S, decay[:, :, n, :, None], out=out))
+    if needs_autograd(S0, U, decay):
+        prev, S = [], S0
+        for n in range(N):
+            prev.append(S)
+            S = step(S, n)
+        return torch.stack(prev, dim=2), S
+    prev = U.new_empty(U.shape)
+    prev[:, :, 0] = S0
+    for n in range(N - 1):
+        step(prev[:, :, n], n, out=prev[:, :, n + 1])
+    return prev, step(prev[:, :, N - 1], N - 1)  # the final state: a fresh tensor, no view of prev
 
 
 def _intra_scores(q: Tensor, k: Tensor, b: Tensor | None, sub: int) -> Tensor:

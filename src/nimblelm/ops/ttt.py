@@ -69,17 +69,25 @@ MLP_KEYS = ("W1", "b1", "W2", "b2")
 
 # ----------------------------------------------------------------------------- helpers
 
+def _centered(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(x - mean, biased variance [..., 1]) over the last dim. Two plain passes: torch's
+    var_mean / var are 4-8x slower on CPU here for these small rows (61 us vs 14 us on
+    [8, 16, 64]), and the primal loop calls this for every token."""
+    xc = x - x.mean(-1, keepdim=True)
+    return xc, (xc * xc).mean(-1, keepdim=True)
+
+
 def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """LayerNorm over the last dim; weight/bias broadcast against x."""
-    var, mu = torch.var_mean(x, dim=-1, unbiased=False, keepdim=True)
-    return (x - mu) * torch.rsqrt(var + eps) * weight + bias
+    xc, var = _centered(x)
+    return xc * torch.rsqrt(var + eps) * weight + bias
 
 
 def _ln_l2_grad(z: Tensor, target: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """d/dz of 0.5 * ||LN(z) * weight + bias - target||^2 (per row), explicit form."""
-    mu = z.mean(-1, keepdim=True)
-    std = torch.sqrt(z.var(-1, unbiased=False, keepdim=True) + eps)
-    z_hat = (z - mu) / std
+    zc, var = _centered(z)
+    std = torch.sqrt(var + eps)
+    z_hat = zc / std
     g_hat = (weight * z_hat + bias - target) * weight  # d loss / d z_hat
     proj = (g_hat * z_hat).mean(-1, keepdim=True)
     return (g_hat - g_hat.mean(-1, keepdim=True) - z_hat * proj) / std
@@ -89,9 +97,9 @@ def _ln_l2_grad_scaled(z: Tensor, offset: Tensor, weight_sq: Tensor, eta: Tensor
                        eps: float) -> Tensor:
     """eta * _ln_l2_grad with offset = (bias - target) * weight, weight_sq = weight^2
     precomputed: the same formula in fewer kernels, for the dual-form loop."""
-    var, mu = torch.var_mean(z, dim=-1, unbiased=False, keepdim=True)
+    zc, var = _centered(z)
     rstd = torch.rsqrt(var + eps)
-    z_hat = (z - mu) * rstd
+    z_hat = zc * rstd
     g_hat = torch.addcmul(offset, z_hat, weight_sq)
     proj = (g_hat * z_hat).mean(-1, keepdim=True)
     g = torch.addcmul(g_hat - g_hat.mean(-1, keepdim=True), z_hat, proj, value=-1)
