@@ -89,6 +89,26 @@ def test_naive_chunk_step_agree_float64(mode, normalize):
         assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("T", [10, 70])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+def test_chunk_without_autograd_writes_the_same_results(mode, normalize, T):
+    """Without autograd the chunk states are written into one preallocated buffer (out=):
+    outputs and final state equal the naive loop's, and the final state is its own tensor
+    (a view would keep every chunk's state alive in a cache)."""
+    qkv, gates, state = make_inputs(mode, T=T, normalize=normalize)
+    with torch.no_grad():
+        o_ref, final_ref = naive_gla(*qkv, **gates, initial_state=state, output_final_state=True,
+                                     normalize=normalize)
+        o, final = chunk_gla(*qkv, **gates, initial_state=state, output_final_state=True,
+                             normalize=normalize, chunk_size=16, sub_chunk_size=4)
+    assert_close(o, o_ref)
+    for a, b in zip(flat_state(final), flat_state(final_ref)):
+        assert_close(a, b)
+    S = flat_state(final)[0]
+    assert S.untyped_storage().nbytes() <= 2 * S.nbytes, "the final state must not keep the chunk buffer alive"
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_float32_matches_float64_naive(mode):
     qkv, gates, state = make_inputs(mode, B=1, T=100, H=2, Dk=32, Dv=32)
