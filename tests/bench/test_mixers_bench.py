@@ -101,7 +101,8 @@ def test_unknown_mixer_is_an_error(capsys):
 def test_flop_formulas():
     # gla: 2 C^2 (Dk + Dv) + 4 C Dk Dv per chunk, head and row; T=128, C=64 -> 2 chunks
     assert mixers_ops.chunk_flops("gla", 1, 128, 2, 4, 8, 64) == 2 * 2 * (2 * 64 * 64 * 12 + 4 * 64 * 32)
-    assert mixers_ops.gla_chunk_len(20, 64) == 32  # chunk_gla shrinks the chunk for short inputs
+    assert mixers_ops.gla_chunk_len(20, 64) == 24  # chunk_gla shrinks the chunk for short inputs (to 8s)
+    assert mixers_ops.chunk_flops("based", 1, 64, 1, 4, 8, 64) == 2 * 64 * 64 * 12 + 4 * 64 * 15 * 8
     assert mixers_ops.chunk_flops("delta", 1, 64, 1, 4, 8, 64) == 64 * 64 * (5 * 4 + 3 * 8) + 6 * 64 * 32
     with pytest.raises(ValueError):
         mixers_ops.chunk_flops("scan", 1, 64, 1, 4, 8, 64)

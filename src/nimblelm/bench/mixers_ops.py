@@ -6,13 +6,16 @@ FLOPs (:func:`chunk_flops`) count the matmuls of the chunk form as it computes t
 C x C blocks, masked afterwards), 2 FLOPs per multiply-add, per batch row, head and chunk;
 elementwise work (decays, masks, feature maps, normalisers) is not counted:
 
-* gated linear attention (``chunk_gla``: linear_attn, based, retnet, gla), key size
+* gated linear attention (``chunk_gla``: linear_attn, retnet, gla), key size
   Dk, value size Dv (+1 with the normaliser, which rides along as a value column):
   ``2 C^2 Dk`` (scores q k^T) + ``2 C^2 Dv`` (scores @ v) + ``2 C Dk Dv`` (the chunk's state
   contribution k^T v) + ``2 C Dk Dv`` (inter-chunk output q S) = ``2 C^2 (Dk + Dv) + 4 C Dk Dv``.
   C is the chunk size the op actually uses (shorter inputs get a smaller chunk). Chunks of the
   per-key-dim decay (gla) whose decay spans more than 60 in log space are recomputed in
   sub-chunks; that extra work is not counted.
+* Based (``chunk_based``): the same with the scores from the raw q, k (size D) and the state
+  in feature space (F = 1 + D + D(D+1)/2 rows), Dv counting the normaliser's column:
+  ``2 C^2 (D + Dv) + 4 C F Dv``.
 * SSD (``chunk_ssd``: mamba2), state size N, head size P, G groups of H/G heads sharing B
   and C: per group and chunk ``2 C^2 N`` (C B^T, once per group) + ``2 C^2 (H/G) P`` (scores
   @ x for all the group's heads at once) + ``4 C N (H/G) P`` (chunk state, inter-chunk
@@ -32,14 +35,15 @@ from typing import Any, Callable
 import torch
 
 from ..layers.deltanet import DeltaNet
-from ..layers.linear_attention import LinearAttentionMixer
+from ..layers.linear_attention import BasedLinearAttention, LinearAttentionMixer
 from ..layers.mamba import Mamba
 from ..layers.mamba2 import Mamba2
 from ..layers.rglru import RGLRUBlock
 from ..layers.short_conv import ShortConv
-from ..ops import delta, gla, native_scan, scan, short_conv, ssd
+from ..ops import based, delta, gla, native_scan, scan, short_conv, ssd
 
 GLA_FORMULA = "B*H*ceil(T/C)*(2*C^2*(Dk+Dv) + 4*C*Dk*Dv)"
+BASED_FORMULA = "B*H*ceil(T/C)*(2*C^2*(D+Dv) + 4*C*F*Dv), F = 1+D+D(D+1)/2"
 DELTA_FORMULA = "B*H*ceil(T/C)*(C^2*(5*Dk+3*Dv) + 6*C*Dk*Dv)"
 SSD_FORMULA = "B*G*ceil(T/C)*(2*C^2*N + 2*C^2*(H/G)*P + 4*C*N*(H/G)*P)"
 
@@ -56,7 +60,7 @@ class OpForms:
     flops_formula: str | None = None
 
 
-def gla_chunk_len(T: int, chunk_size: int, sub_chunk_size: int = 16) -> int:
+def gla_chunk_len(T: int, chunk_size: int, sub_chunk_size: int = 8) -> int:
     """The chunk length ``chunk_gla`` uses for T tokens (mirrors ``ops.gla._chunk_core``)."""
     sub = min(sub_chunk_size, chunk_size)
     return min(chunk_size, max(sub, math.ceil(T / sub) * sub))
@@ -72,6 +76,9 @@ def chunk_flops(family: str, B: int, T: int, H: int, Dk: int, Dv: int, chunk_siz
     if family == "gla":
         C = gla_chunk_len(T, chunk_size)
         return B * H * math.ceil(T / C) * (2 * C * C * (Dk + Dv) + 4 * C * Dk * Dv)
+    if family == "based":  # Dk: the raw key size D; the state has F = 1 + D + D(D+1)/2 rows
+        C, F = gla_chunk_len(T, chunk_size), 1 + Dk + Dk * (Dk + 1) // 2
+        return B * H * math.ceil(T / C) * (2 * C * C * (Dk + Dv) + 4 * C * F * Dv)
     if family == "delta":
         C = max(1, min(chunk_size, T))
         return B * H * math.ceil(T / C) * (C * C * (5 * Dk + 3 * Dv) + 6 * C * Dk * Dv)
@@ -118,6 +125,8 @@ def _native_or(native_op: Callable, pytorch_op: Callable) -> Callable:
 
 # class -> (family, inputs builder, fast op, naive op, keyword arguments of the fast op only)
 _FAMILIES: list[tuple[type, str, Callable, Callable, Callable, Callable[[Any], dict]]] = [
+    (BasedLinearAttention, "based", lambda l, x, p: l.raw_inputs(x), based.chunk_based, based.naive_based,
+     lambda l: {"chunk_size": l.chunk_size}),  # before its base class, LinearAttentionMixer
     (LinearAttentionMixer, "gla", _gla_inputs, gla.chunk_gla, gla.naive_gla, lambda l: {"chunk_size": l.chunk_size}),
     (Mamba2, "ssd", _ssd_inputs, ssd.chunk_ssd, ssd.naive_ssd, lambda l: {"chunk_size": l.chunk_size}),
     (Mamba, "selective_scan", _scan_inputs,
@@ -137,10 +146,10 @@ def _flops(family: str, inputs: dict, chunk_size: int) -> int | None:
         B, T, H, P = inputs["x"].shape
         _, _, G, N = inputs["Bm"].shape
         return chunk_flops("ssd", B, T, H, N, P, chunk_size, groups=G)
-    if family not in ("gla", "delta"):
+    if family not in ("gla", "based", "delta"):
         return None
     B, T, H, Dk = inputs["q"].shape
-    Dv = inputs["v"].shape[-1] + (1 if inputs.get("normalize") else 0)
+    Dv = inputs["v"].shape[-1] + (1 if inputs.get("normalize") or family == "based" else 0)
     return chunk_flops(family, B, T, H, Dk, Dv, chunk_size)
 
 
@@ -176,4 +185,5 @@ def op_forms(layer: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor) -
                    fast=lambda: fast_op(**inputs, **extra, output_final_state=True),
                    naive=lambda: naive_op(**inputs, output_final_state=True),
                    naive_warmup=lambda: naive_op(**short, output_final_state=True), flops=flops,
-                   flops_formula={"gla": GLA_FORMULA, "ssd": SSD_FORMULA, "delta": DELTA_FORMULA}.get(family))
+                   flops_formula={"gla": GLA_FORMULA, "based": BASED_FORMULA, "ssd": SSD_FORMULA,
+                                  "delta": DELTA_FORMULA}.get(family))

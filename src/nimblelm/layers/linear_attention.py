@@ -24,6 +24,7 @@ from torch import nn
 
 from ..models.config import ModelConfig
 from ..ops import feature_maps
+from ..ops.based import chunk_based
 from ..ops.gla import chunk_gla, retnet_log_decay, step_gla
 from .norms import gated_head_norm
 from .recurrent import RecurrentMixer
@@ -119,11 +120,24 @@ class LinearAttention(LinearAttentionMixer):
 
 @register_mixer("based")
 class BasedLinearAttention(LinearAttentionMixer):
+    """Prefill through `ops.based.chunk_based` on the raw q, k (intra-chunk scores from q.k,
+    not from the 153-wide features); decoding as the family (step_gla on the features)."""
+
     feature_map = "taylor2"
     normalize = True
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__(config, layer_idx, key_dim=config.extra.get("feature_dim", 16))
+
+    def raw_inputs(self, x: torch.Tensor) -> dict:
+        """chunk_based's q, k [B, T, H, feature_dim] and v [B, T, H, Dv] for x [B, T, hidden]."""
+        heads = (x.shape[0], x.shape[1], self.num_heads, -1)
+        return dict(q=self.q_proj(x).view(heads), k=self.k_proj(x).view(heads), v=self.v_proj(x).view(heads))
+
+    def sequence_forward(self, x: torch.Tensor, state: dict | None, positions=None):
+        o, final = chunk_based(**self.raw_inputs(x), initial_state=self._op_state(state), output_final_state=True,
+                               chunk_size=self.chunk_size)
+        return self._output(o, x), self._state_dict(final)
 
 
 @register_mixer("retnet")

@@ -39,7 +39,7 @@ the inputs' dtype.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -204,12 +204,27 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, gk: Tens
     if chunk_size < 1 or chunk_size % min(sub_chunk_size, chunk_size):
         raise ValueError(f"sub_chunk_size={sub_chunk_size} must divide chunk_size={chunk_size}")
     a_log = _log_decay(q, g, gk)
+    return chunk_form(q * _scale(q, scale), k, v, a_log, initial_state, output_final_state, chunk_size,
+                      min(sub_chunk_size, chunk_size), normalize, eps)
+
+
+IntraScores = Callable[[int, int], Tensor]  # (N, C) -> causal intra-chunk scores [B, H, N, C, C]
+
+
+def chunk_form(q: Tensor, k: Tensor, v: Tensor, a_log: Tensor | None, initial_state: State | None,
+               output_final_state: bool, chunk_size: int, sub: int, normalize: bool, eps: float,
+               intra: IntraScores | None = None) -> tuple[Tensor, State | None]:
+    """`chunk_gla` after its checks, on q already scaled and a_log [B,T,H,1|Dk] or None.
+    intra (no decay only): computes the intra-chunk scores q k^T (masked) of the N chunks of
+    C steps another way, e.g. Based's from the raw q.k (see `ops.based`); they must equal
+    q k^T below the diagonal (and on it) for the real steps."""
+    if intra is not None and a_log is not None:
+        raise ValueError("intra scores replace q k^T only without decay")
     S, z = _split_state(initial_state, q, v, normalize)
-    q = q * _scale(q, scale)
     if normalize:  # z rides along as one more value column: v -> [v, 1], S -> [S, z]
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # [B,T,H,Dv+1]
         S = torch.cat([S, z[..., None]], dim=-1)  # [B,H,Dk,Dv+1]
-    o, S = _chunk_core(q, k, v, a_log, S, chunk_size, min(sub_chunk_size, chunk_size))
+    o, S = _chunk_core(q, k, v, a_log, S, chunk_size, sub, intra)
     if normalize:
         o = o[..., :-1] / (o[..., -1:] + eps)
         S, z = S[..., :-1], S[..., -1]
@@ -225,15 +240,16 @@ def _to_chunks(x: Tensor, N: int, C: int) -> Tensor:
 
 
 def _chunk_core(q: Tensor, k: Tensor, v: Tensor, a_log: Tensor | None, S0: Tensor,
-                chunk_size: int, sub: int) -> tuple[Tensor, Tensor]:
-    """q (scaled), k [B,T,H,Dk]; v [B,T,H,Dv]; a_log [B,T,H,1|Dk] or None; S0 [B,H,Dk,Dv].
-    Returns (o [B,T,H,Dv], final S [B,H,Dk,Dv]). Zero padding is inert (k = 0, a = 1)."""
+                chunk_size: int, sub: int, intra: IntraScores | None = None) -> tuple[Tensor, Tensor]:
+    """q (scaled), k [B,T,H,Dk]; v [B,T,H,Dv]; a_log [B,T,H,1|Dk] or None; S0 [B,H,Dk,Dv];
+    intra as in `chunk_form`. Returns (o [B,T,H,Dv], final S [B,H,Dk,Dv]). Zero padding is
+    inert (k = 0, a = 1; padded rows of the scores only reach padded outputs)."""
     B, T, H, Dk = q.shape
     C = min(chunk_size, max(sub, math.ceil(T / sub) * sub))  # short inputs: smaller chunk
     N = math.ceil(T / C)
     qc, kc, vc = (_to_chunks(x, N, C) for x in (q, k, v))  # [B,H,N,C,D]
     b = None if a_log is None else _to_chunks(a_log, N, C).cumsum(-2)  # [B,H,N,C,1|Dk]
-    o, q_in, U = _chunk_local(qc, kc, vc, b, sub)
+    o, q_in, U = _chunk_local(qc, kc, vc, b, sub, None if intra is None else intra(N, C))
     # o [B,H,N,C,Dv] intra-chunk part, q_in [B,H,N,C,Dk], U [B,H,N,Dk,Dv]
     decay = None if b is None else exp_decay(b[..., -1, :])  # [B,H,N,1|Dk] over a whole chunk
     S_prev, S = _carry_states(S0, U, decay)  # [B,H,N,Dk,Dv] state entering each chunk
@@ -242,14 +258,15 @@ def _chunk_core(q: Tensor, k: Tensor, v: Tensor, a_log: Tensor | None, S0: Tenso
     return o, S
 
 
-def _chunk_local(q: Tensor, k: Tensor, v: Tensor, b: Tensor | None,
-                 sub: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Everything inside chunks: q, k [B,H,N,C,Dk]; v [B,H,N,C,Dv]; b [B,H,N,C,1|Dk] or None.
-    Returns (intra-chunk output [B,H,N,C,Dv], q decayed from the chunk start [B,H,N,C,Dk],
+def _chunk_local(q: Tensor, k: Tensor, v: Tensor, b: Tensor | None, sub: int,
+                 scores: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Everything inside chunks: q, k [B,H,N,C,Dk]; v [B,H,N,C,Dv]; b [B,H,N,C,1|Dk] or None;
+    scores: the causal q k^T [B,H,N,C,C] when the caller has them (no decay only). Returns (intra-chunk output [B,H,N,C,Dv], q decayed from the chunk start [B,H,N,C,Dk],
     each chunk's own state contribution U = sum_s (k_s decayed to the chunk end)^T v_s
     [B,H,N,Dk,Dv])."""
     if b is None:
-        return _intra_scores(q, k, b, sub) @ v, q, k.transpose(-1, -2) @ v
+        scores = _intra_scores(q, k, b, sub) if scores is None else scores  # [B,H,N,C,C]
+        return scores @ v, q, k.transpose(-1, -2) @ v
     ref = _scored_references(q, k, b, sub)
     # q e^b = q_ref e^r and k e^(last - b) = k_ref e^(last - r): one product each, exact where
     # the reference form is (chunks not wide, r >= -40, so no factor or product leaves
