@@ -261,7 +261,8 @@ def _chunk_core(q: Tensor, k: Tensor, v: Tensor, a_log: Tensor | None, S0: Tenso
 def _chunk_local(q: Tensor, k: Tensor, v: Tensor, b: Tensor | None, sub: int,
                  scores: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Everything inside chunks: q, k [B,H,N,C,Dk]; v [B,H,N,C,Dv]; b [B,H,N,C,1|Dk] or None;
-    scores: the causal q k^T [B,H,N,C,C] when the caller has them (no decay only). Returns (intra-chunk output [B,H,N,C,Dv], q decayed from the chunk start [B,H,N,C,Dk],
+    scores: the causal q k^T [B,H,N,C,C] when the caller has them (no decay only).
+    Returns (intra-chunk output [B,H,N,C,Dv], q decayed from the chunk start [B,H,N,C,Dk],
     each chunk's own state contribution U = sum_s (k_s decayed to the chunk end)^T v_s
     [B,H,N,Dk,Dv])."""
     if b is None:
