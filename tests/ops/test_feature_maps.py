@@ -58,6 +58,23 @@ def test_taylor_second_order_kernel(D):
     assert (dot(pq, pk) > 0).all()
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-15)])
+def test_taylor_second_order_native_matches_reference(dtype, tol):
+    """Without autograd the map runs the native kernel: equal to the PyTorch expression, also
+    for a strided (head-major transposed) input and an empty one; with autograd, the reference."""
+    from nimblelm.ops.native_scan import native_inference_ok
+
+    if not native_inference_ok(torch.zeros(1, dtype=dtype)):
+        pytest.skip("native kernels not built here")
+    x = torch.randn(2, 40, 3, 16, dtype=dtype).transpose(1, 2)  # [2, 3, 40, 16], not contiguous
+    got, want = fm.taylor_second_order(x), fm.reference_taylor_second_order(x)
+    assert got.shape == want.shape == (2, 3, 40, 153)
+    assert (got - want).abs().max() <= tol * want.abs().max()
+    assert fm.taylor_second_order(x[:, :, :0]).shape == (2, 3, 0, 153)
+    xg = x.detach().requires_grad_()
+    assert fm.taylor_second_order(xg).grad_fn is not None
+
+
 def test_maps_are_differentiable_and_finite_at_zero():
     x = torch.zeros(2, 5, dtype=torch.float64, requires_grad=True)
     for phi in (fm.identity, fm.elu_plus_one, fm.taylor_first_order, fm.taylor_second_order):

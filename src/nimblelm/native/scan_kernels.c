@@ -112,7 +112,7 @@ static inline double exp_any_f64(double x) { return exp_upto709_f64(x > 709.0 ? 
 
 /* Bumped whenever a kernel's signature changes; nimblelm.ops.native_scan refuses a library
  * whose number differs from its own (a process that loaded older Python code, say). */
-int nl_scan_kernels_abi(void) { return 5; }
+int nl_scan_kernels_abi(void) { return 6; }
 
 #define REAL float
 #define SFX(name) name##_f32

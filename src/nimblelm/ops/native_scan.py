@@ -31,10 +31,10 @@ from .scan import _check_recurrence, _check_selective, chunk_selective_scan, sca
 _CHECKPOINT = 32  # steps between stored states; the backward's recompute buffer is (32+1) x N x 64
 _BLOCK = 64  # channels per kernel block (BLOCK in scan_kernels.c); thread splits align to it
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-_ABI = 5  # must equal nl_scan_kernels_abi() in scan_kernels.c: the argument lists below match it
+_ABI = 6  # must equal nl_scan_kernels_abi() in scan_kernels.c: the argument lists below match it
 _FUNCTIONS = [f"{name}_{sfx}" for sfx in _SUFFIX.values() for name in (
     "nl_s6_forward", "nl_s6_backward", "nl_lr_forward", "nl_lr_backward", "nl_rglru_forward", "nl_conv_forward",
-    "nl_gated_rmsnorm")]
+    "nl_gated_rmsnorm", "nl_taylor2_forward")]
 
 
 def _library():
@@ -356,3 +356,17 @@ def native_gated_rmsnorm(o, weight, eps, group=None, z=None, gate_first=False, v
     args += int64s(C, group)
     run_split(kernel, lambda i: args, even_ranges(out.shape[0]), "gated rmsnorm")
     return out.view(o.shape)
+
+
+def native_taylor2_forward(x: torch.Tensor) -> torch.Tensor:
+    """Inference-only :func:`~nimblelm.ops.feature_maps.taylor_second_order` in one native
+    pass: x [..., D] -> [..., 1 + D + D(D+1)/2]. Callers check :func:`native_inference_ok`."""
+    D = x.shape[-1]
+    rows = x.reshape(-1, D).contiguous()
+    out = rows.new_empty(rows.shape[0], 1 + D + D * (D + 1) // 2)
+    if rows.shape[0] == 0:
+        return out.view(*x.shape[:-1], out.shape[-1])
+    kernel = getattr(_library(), f"nl_taylor2_forward_{_SUFFIX[x.dtype]}")
+    args = [ptr(rows), ptr(out)] + int64s(D)
+    run_split(kernel, lambda i: args, even_ranges(rows.shape[0]), "taylor2 feature map")
+    return out.view(*x.shape[:-1], out.shape[-1])
