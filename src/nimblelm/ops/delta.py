@@ -140,7 +140,11 @@ class _ScalarDecayScores:
         self.factor = (gam - r).clamp(-FACTOR_CLAMP, FACTOR_CLAMP).exp()  # [N,B,H,C], within e^(+-44)
         self.k_ref_t = (k * (r - gam).clamp(-FACTOR_CLAMP, FACTOR_CLAMP).exp()[..., None]).transpose(-1, -2)
         self.wide = ((hi - lo) > SAFE_SPAN).squeeze(-1)  # [N,B,H]
-        self.k, self.gam = k, gam
+        self.any_wide = bool(self.wide.any())
+        if self.any_wide:  # the wide chunks' keys and exact decays, shared by all queries
+            C, g = k.shape[-2], gam[self.wide]  # [n,C]
+            self.k_wide_t = k[self.wide].transpose(-1, -2)  # [n,Dk,C]
+            self.decay_wide = exp_decay(g[..., :, None] - g[..., None, :], keep=causal_mask(C, k).bool())
 
     def __call__(self, x: Tensor, w: Tensor | float, causal: bool) -> Tensor:
         """x [N,B,H,C,Dk], w [N,B,H,C] or a number -> [N,B,H,C,C]; above the diagonal zero
@@ -149,12 +153,10 @@ class _ScalarDecayScores:
         scores = (x * (self.factor * w)[..., None]) @ self.k_ref_t
         if causal:
             scores = scores * causal_mask(C, x)  # (faster than tril())
-        if bool(self.wide.any()):
+        if self.any_wide:
             wide = self.wide
             xw = x[wide] * (w[wide][..., None] if isinstance(w, Tensor) else w)  # [n,C,Dk]
-            gam = self.gam[wide]  # [n,C]
-            decay = exp_decay(gam[..., :, None] - gam[..., None, :], keep=causal_mask(C, x).bool())
-            scores = scores.index_put((wide,), (xw @ self.k[wide].transpose(-1, -2)) * decay)
+            scores = scores.index_put((wide,), (xw @ self.k_wide_t) * self.decay_wide)
         return scores
 
 
