@@ -69,7 +69,7 @@ class _NativeSelectiveScan(torch.autograd.Function):
         Bsz, T, Dch = u.shape
         N = A.shape[1]
         u, delta, Bmat, Cmat = (t.contiguous() for t in (u, delta, Bmat, Cmat))
-        D, (z, ldz) = _optional(D), _gate_rows(z, Dch)
+        D, (z, ldz) = _optional(D), _rows(z, Dch)  # z's rows may be a slice of in_proj(x): read in place
         At = A.t().contiguous()  # [N, Dch]
         h0 = (initial_state.transpose(1, 2).contiguous() if initial_state is not None
               else u.new_zeros(Bsz, N, Dch))  # [B, N, Dch]
@@ -104,18 +104,6 @@ class _NativeSelectiveScan(torch.autograd.Function):
         _run(kernel, lambda i: shared + [ptr(gB[i]), ptr(gC[i]), ptr(g_h0)] + sizes, ranges)
         return (gu, g_delta, gA.sum(0).t(), gB.sum(0), gC.sum(0), gD.sum(0) if gD is not None else None, gz,
                 g_h0.transpose(1, 2) if ctx.has_initial_state else None)
-
-
-def _gate_rows(z: torch.Tensor | None, Dch: int) -> tuple[torch.Tensor | None, int]:
-    """(z, its row stride) for the kernel: z [B, T, Dch] as given when its rows are contiguous
-    and evenly spaced (a slice of a wider projection, like Mamba's ``in_proj(x).chunk(2)``),
-    else a contiguous copy. The stride is Dch when z is None."""
-    if z is None:
-        return None, Dch
-    Bsz, T, _ = z.shape
-    if z.stride(2) == 1 and z.stride(1) >= Dch and (Bsz == 1 or z.stride(0) == T * z.stride(1)):
-        return z, z.stride(1)
-    return z.contiguous(), Dch
 
 
 def _check_native_selective(u, delta, A, Bmat, Cmat, D, z, initial_state) -> None:
