@@ -24,7 +24,7 @@ from torch import nn
 
 from ..models.config import ModelConfig
 from ..ops import feature_maps
-from ..ops.based import chunk_based
+from ..ops.based import chunk_based, step_based
 from ..ops.gla import chunk_gla, retnet_log_decay, step_gla
 from .norms import gated_head_norm
 from .recurrent import RecurrentMixer
@@ -120,8 +120,8 @@ class LinearAttention(LinearAttentionMixer):
 
 @register_mixer("based")
 class BasedLinearAttention(LinearAttentionMixer):
-    """Prefill through `ops.based.chunk_based` on the raw q, k (intra-chunk scores from q.k,
-    not from the 153-wide features); decoding as the family (step_gla on the features)."""
+    """The forms of `ops.based` on the raw q, k: prefill through `chunk_based` (intra-chunk
+    scores from q.k, not from the 153-wide features), decoding through `step_based`."""
 
     feature_map = "taylor2"
     normalize = True
@@ -138,6 +138,10 @@ class BasedLinearAttention(LinearAttentionMixer):
         o, final = chunk_based(**self.raw_inputs(x), initial_state=self._op_state(state), output_final_state=True,
                                chunk_size=self.chunk_size)
         return self._output(o, x), self._state_dict(final)
+
+    def step(self, x: torch.Tensor, state: dict, positions=None):
+        o, new = step_based(**self.raw_inputs(x), state=self._op_state(state))
+        return self._output(o, x), self._state_dict(new)
 
 
 @register_mixer("retnet")
