@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .gla import FACTOR_CLAMP, SAFE_SPAN, causal_mask, exp_decay, needs_autograd
+from .gla import FACTOR_CLAMP, SAFE_SPAN, causal_mask, exp_decay, needs_autograd, reference_point
 from .triangular import unit_lower_solve
 
 __all__ = ["naive_delta_rule", "chunk_delta_rule", "step_delta_rule"]
@@ -135,11 +135,10 @@ class _ScalarDecayScores:
     exact [C, C] decay matrix instead (every entry <= 1)."""
 
     def __init__(self, k: Tensor, gam: Tensor):
-        hi, lo = gam.amax(-1, keepdim=True).detach(), gam.amin(-1, keepdim=True).detach()
-        r = (hi + lo) / 2  # cancels exactly, hence no gradient through it
+        r, span = reference_point(gam, -1)  # [N,B,H,1]
         self.factor = (gam - r).clamp(-FACTOR_CLAMP, FACTOR_CLAMP).exp()  # [N,B,H,C], within e^(+-44)
         self.k_ref_t = (k * (r - gam).clamp(-FACTOR_CLAMP, FACTOR_CLAMP).exp()[..., None]).transpose(-1, -2)
-        self.wide = ((hi - lo) > SAFE_SPAN).squeeze(-1)  # [N,B,H]
+        self.wide = (span > SAFE_SPAN).squeeze(-1)  # [N,B,H]
         self.any_wide = bool(self.wide.any())
         if self.any_wide:  # the wide chunks' keys and exact decays, shared by all queries
             C, g = k.shape[-2], gam[self.wide]  # [n,C]

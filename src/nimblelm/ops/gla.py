@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["naive_gla", "chunk_gla", "step_gla", "retnet_log_decay", "decayed_causal_scores", "exp_decay",
-           "causal_mask", "needs_autograd", "SAFE_SPAN", "FACTOR_CLAMP"]
+           "causal_mask", "needs_autograd", "reference_point", "SAFE_SPAN", "FACTOR_CLAMP"]
 
 State = Tensor | tuple[Tensor, Tensor]
 
@@ -320,6 +320,14 @@ SAFE_SPAN = 80.0
 FACTOR_CLAMP = 44.0
 
 
+def reference_point(b: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """(r, span) of the cumulative log-decay b along the chunk dimension ``dim`` (keepdim):
+    r the middle of b's range there, without gradient (it cancels exactly in
+    exp(b_t - r) exp(r - b_s)), and span = max - min (> SAFE_SPAN: the chunk is wide)."""
+    hi, lo = b.amax(dim, keepdim=True).detach(), b.amin(dim, keepdim=True).detach()
+    return (hi + lo) / 2, hi - lo
+
+
 class _References(NamedTuple):
     """`_scored_references`' results: the scores and what `_chunk_local` reuses."""
     scores: Tensor  # [..., C, C]
@@ -341,8 +349,7 @@ def decayed_causal_scores(q: Tensor, k: Tensor, b: Tensor, sub: int = 8) -> Tens
 def _scored_references(q: Tensor, k: Tensor, b: Tensor, sub: int) -> _References:
     """`decayed_causal_scores` with its reference-point factors (see `_References`)."""
     C = q.shape[-2]
-    hi, lo = b.amax(-2, keepdim=True).detach(), b.amin(-2, keepdim=True).detach()  # [B,H,N,1,Dk]
-    r = (hi + lo) / 2  # the reference point cancels exactly, hence no gradient through it
+    r, span = reference_point(b, -2)  # [B,H,N,1,Dk]
     factor = (b - r).clamp(-FACTOR_CLAMP, FACTOR_CLAMP).exp()  # [B,H,N,C,Dk], within e^(+-44)
     q_ref = q * factor
     if torch.is_grad_enabled() and b.requires_grad:  # d(k / factor) would reach e^88: overflow
@@ -350,7 +357,7 @@ def _scored_references(q: Tensor, k: Tensor, b: Tensor, sub: int) -> _References
     else:  # inference: one exponential fewer, k / factor = k exp(r - b) with the same clamp
         k_ref = k * factor.reciprocal()  # (a reciprocal and a product beat a division here)
     A = (q_ref @ k_ref.transpose(-1, -2)) * causal_mask(C, q)  # [B,H,N,C,C] (faster than tril())
-    wide = ((hi - lo) > SAFE_SPAN).any(-1).squeeze(-1)  # [B,H,N] chunks needing sub-chunks
+    wide = (span > SAFE_SPAN).any(-1).squeeze(-1)  # [B,H,N] chunks needing sub-chunks
     if bool(wide.any()):  # their (clamped, finite) scores above are replaced
         A = A.index_put((wide,), _sub_chunked_in_groups(q[wide], k[wide], b[wide], sub))
     return _References(A, q_ref, k_ref, r, wide)
