@@ -60,7 +60,7 @@ class OpForms:
     flops_formula: str | None = None
 
 
-def gla_chunk_len(T: int, chunk_size: int, sub_chunk_size: int = 8) -> int:
+def gla_chunk_len(T: int, chunk_size: int, sub_chunk_size: int = gla.SUB_CHUNK) -> int:
     """The chunk length ``chunk_gla`` uses for T tokens (mirrors ``ops.gla._chunk_core``)."""
     sub = min(sub_chunk_size, chunk_size)
     return min(chunk_size, max(sub, math.ceil(T / sub) * sub))

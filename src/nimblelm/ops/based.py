@@ -22,7 +22,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .feature_maps import taylor_second_order
-from .gla import State, _check_qkv, _to_chunks, causal_mask, chunk_form, naive_gla, step_gla
+from .gla import SUB_CHUNK, State, _check_qkv, _to_chunks, causal_mask, chunk_form, naive_gla, step_gla
 
 __all__ = ["naive_based", "chunk_based", "step_based"]
 
@@ -63,4 +63,4 @@ def chunk_based(q: Tensor, k: Tensor, v: Tensor, initial_state: State | None = N
         return (u + 1).addcmul_(u, u, value=0.5).mul_(causal_mask(C, u))
 
     return chunk_form(_features(q), _features(k), v, None, initial_state, output_final_state,
-                      chunk_size, min(8, chunk_size), True, eps, intra=intra)
+                      chunk_size, min(SUB_CHUNK, chunk_size), True, eps, intra=intra)

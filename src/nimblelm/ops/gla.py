@@ -49,6 +49,7 @@ __all__ = ["naive_gla", "chunk_gla", "step_gla", "retnet_log_decay", "decayed_ca
            "causal_mask", "needs_autograd", "reference_point", "SAFE_SPAN", "FACTOR_CLAMP"]
 
 State = Tensor | tuple[Tensor, Tensor]
+SUB_CHUNK = 8  # chunk_gla's default sub-chunk (wide per-dim chunks; short inputs round up to it)
 
 
 def retnet_log_decay(num_heads: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -190,7 +191,7 @@ def step_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, gk: Tenso
 def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, gk: Tensor | None = None,
               scale: float | None = None, initial_state: State | None = None,
               output_final_state: bool = False, chunk_size: int = 64, normalize: bool = False,
-              eps: float = 1e-6, sub_chunk_size: int = 8) -> tuple[Tensor, State | None]:
+              eps: float = 1e-6, sub_chunk_size: int = SUB_CHUNK) -> tuple[Tensor, State | None]:
     """Chunkwise form: exact (up to rounding) equal of `naive_gla`, same arguments and outputs.
 
     Within a chunk the scores are dense matmuls; chunks are chained by their states.
