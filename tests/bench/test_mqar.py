@@ -168,6 +168,28 @@ def test_report_renders_earlier_runs_without_training(tmp_path, monkeypatch):
     assert mqar.main(["--report", "--json", str(tmp_path / "missing.json")]) == 2
 
 
+def test_report_merges_sweeps_of_one_budget_and_refuses_mixed_budgets(tmp_path, monkeypatch, capsys):
+    def run(mixer, d, acc):
+        return dict(mixer=mixer, d_model=d, seq_len=16, num_kv_pairs=2, lr=0.01, accuracy=acc, train_loss=0.0,
+                    steps=1, seconds=1.0, stop="time", curve=[], params=1, state_bytes=64 * d,
+                    decode_tokens_per_s=1.0)
+    budget = dict(vocab_size=64, num_train=10, num_test=5, batch_size=2, max_steps=300, eval_every=25)
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text(json.dumps({"options": {**budget, "d_models": [32]}, "runs": [run("gla", 32, 0.5)]}))
+    b.write_text(json.dumps({"options": {**budget, "d_models": [64]}, "runs": [run("gla", 64, 0.8),
+                                                                               run("attention", 64, 1.0)]}))
+    c.write_text(json.dumps({"options": {**budget, "max_steps": 1200}, "runs": [run("gla", 32, 0.9)]}))
+    monkeypatch.setattr(mqar, "train_one", lambda *a, **k: pytest.fail("--report trained"))
+    assert mqar.main(["--report", "--json", f"{a},{b}", "--out", str(tmp_path / "out")]) == 0
+    table = (tmp_path / "out" / "mqar.md").read_text()
+    assert "| gla | 32 | 16 | 2 | 50.0% |" in table and "| gla | 64 | 16 | 2 | 80.0% |" in table
+    assert "| attention | 64 |" in table
+    capsys.readouterr()
+    assert mqar.main(["--report", "--json", f"{a},{c}"]) == 2  # 300 vs 1200 steps: not one table
+    assert "max_steps=1200" in capsys.readouterr().err
+    assert mqar.main(["--quick", "--json", f"{a},{b}"]) == 2  # training writes one file
+
+
 def test_best_over_learning_rates():
     runs = [dict(mixer="gla", d_model=64, seq_len=64, num_kv_pairs=4, lr=lr, accuracy=acc, curve=[])
             for lr, acc in [(1e-3, 0.4), (3e-3, 0.9), (1e-2, 0.2)]]

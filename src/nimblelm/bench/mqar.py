@@ -13,6 +13,8 @@ Full sweep (hours; resumable): every mixer x d_model {32, 64, 128} x (seq_len, k
 
 Every finished run is appended to the JSON at once, so ``--resume`` continues where a killed
 sweep stopped. ``--out`` gets ``mqar.md`` (the table) and PNG plots (:mod:`nimblelm.bench.plots`).
+``--report --json A.json,B.json --out DIR`` renders sweeps run side by side (one JSON per
+process) as one table, provided they share the training budget.
 ``--quick`` trains attention on a tiny MQAR (vocabulary 64) in seconds: the CI smoke test.
 """
 
@@ -43,7 +45,8 @@ QUICK = dict(mixers="attention", d_models="32", tasks="16:2", lrs="1e-2", vocab_
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nimblelm bench mqar", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="attention on a tiny MQAR, seconds (the CI smoke test)")
-    p.add_argument("--json", metavar="FILE", help="results JSON (written after every run; --resume reads it)")
+    p.add_argument("--json", metavar="FILE", help="results JSON (written after every run; --resume reads it); "
+                   "with --report a comma-separated list of them, merged into one table")
     p.add_argument("--out", metavar="DIR", help="write mqar.md and the PNG plots into DIR")
     p.add_argument("--resume", action="store_true", help="skip runs already in --json (or DIR/mqar.json)")
     p.add_argument("--report", action="store_true",
@@ -158,6 +161,9 @@ def run_mqar(args: argparse.Namespace) -> dict:
     progress; ``--report`` only renders the runs already in the JSON."""
     if getattr(args, "report", False):
         return _report_only(args)
+    if args.json and "," in args.json:
+        raise ValueError(f"--json takes one file when training (a comma-separated list is for --report), "
+                         f"got {args.json!r}")
     o = resolve(args)
     torch.set_num_threads(args.threads)
     opts = _options(o, args)
@@ -199,17 +205,37 @@ def run_mqar(args: argparse.Namespace) -> dict:
     return results
 
 
+# what makes two sweeps' accuracies comparable (the mixers, widths, tasks and lrs may differ)
+BUDGET_OPTIONS = ("vocab_size", "num_train", "num_test", "batch_size", "max_steps", "eval_every")
+
+
 def _report_only(args: argparse.Namespace) -> dict:
-    """``--report``: the results of an earlier (or still running) sweep, from its JSON (which is
-    only read: a running sweep keeps writing it)."""
+    """``--report``: the results of earlier (or still running) sweeps, from their JSON files
+    (only read: a running sweep keeps writing its file). Several files (``--json A,B``, e.g.
+    sweeps run side by side on separate cores) are merged into one table when they were
+    trained on the same budget (`BUDGET_OPTIONS`); otherwise ValueError names the difference."""
     path = _results_path(args)
-    if path is None or not os.path.exists(path):
-        raise ValueError(f"--report reads the runs of --json FILE (or --out DIR/mqar.json); {path or 'none given'} "
-                         "does not exist")
-    with open(path, encoding="utf-8") as fh:
-        saved = json.load(fh)
-    results = {"options": saved.get("options", {}), "runs": saved.get("runs", []),
-               "best": best_rows(saved.get("runs", []))}
+    paths = [p.strip() for p in (path or "").split(",") if p.strip()]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if not paths or missing:
+        raise ValueError(f"--report reads the runs of --json FILE[,FILE...] (or --out DIR/mqar.json); "
+                         f"{', '.join(missing) or 'none given'} does not exist")
+    options, runs, first = {}, [], None
+    for p in paths:
+        with open(p, encoding="utf-8") as fh:
+            saved = json.load(fh)
+        budget = {k: saved.get("options", {}).get(k) for k in BUDGET_OPTIONS}
+        if first is None:
+            options, first = saved.get("options", {}), (p, budget)
+        differ = [k for k in BUDGET_OPTIONS if budget[k] != first[1][k]]
+        if differ:
+            k = differ[0]
+            raise ValueError(f"{p} was trained with {k}={budget[k]} but {first[0]} with {k}={first[1][k]}: "
+                             "their accuracies are not comparable; report them separately")
+        runs.extend(saved.get("runs", []))
+    if len(paths) > 1:
+        options = {**{k: options.get(k) for k in BUDGET_OPTIONS}, "merged_from": paths}
+    results = {"options": options, "runs": runs, "best": best_rows(runs)}
     if args.out:
         write_outputs(results, args.out)
     return results

@@ -137,7 +137,7 @@ def train_one(setting: MQARSetting, lr: float, opts: TrainOptions,
     if stop == "max_steps" and step < opts.max_steps:
         stop = "time"  # the horizon fit shortened the schedule to the time budget
     return dict(**asdict(setting), lr=lr, accuracy=best_acc, train_loss=last_loss, steps=step,
-                seconds=round(deadline.elapsed(), 2), stop=stop, curve=curve,
+                seconds=round(deadline.elapsed(), 2), stop=stop, max_steps=opts.max_steps, curve=curve,
                 params=model.num_parameters(), state_bytes=mixer_state_bytes(model, setting.seq_len))
 
 
