@@ -86,6 +86,21 @@ def test_labelled_logits_equal_the_full_head_at_those_positions():
     assert [b.ffn for b in model.blocks] == [None, None]  # Zoology's model has no MLP
 
 
+def test_labelled_loss_is_the_cross_entropy_of_the_labelled_logits():
+    setting, opts = MQARSetting("gla", 32, 32, 4), TrainOptions(vocab_size=128)
+    model = LanguageModel(mqar_config(setting, opts)).double()
+    batch = multiquery_ar(4, vocab_size=128, seq_len=32, num_kv_pairs=4, seed=1)
+    loss = mqar_train.labelled_loss(model, batch.inputs, batch.labels)
+    loss.backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ref = torch.nn.functional.cross_entropy(*labelled_logits(model, batch.inputs, batch.labels))
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-12
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(fused[n], p.grad, rtol=1e-9, atol=1e-12, msg=n)
+
+
 def test_state_bytes():
     opts = TrainOptions(vocab_size=64, num_heads=2)
     attn = LanguageModel(mqar_config(MQARSetting("attention", 32, 64, 4), opts))
@@ -131,12 +146,14 @@ def test_a_run_cut_to_the_time_budget_says_time(monkeypatch):
         def expired(self):
             return self.elapsed() >= self.seconds
 
-    def ticking_logits(*args, **kwargs):
+    labelled_hidden = mqar_train.labelled_hidden
+
+    def ticking_hidden(*args, **kwargs):
         ticks["n"] += torch.is_grad_enabled()  # training steps tick, evaluations do not
-        return labelled_logits(*args, **kwargs)
+        return labelled_hidden(*args, **kwargs)
 
     monkeypatch.setattr(mqar_train, "Deadline", TickClock)
-    monkeypatch.setattr(mqar_train, "labelled_logits", ticking_logits)
+    monkeypatch.setattr(mqar_train, "labelled_hidden", ticking_hidden)
     opts = TrainOptions(vocab_size=64, num_train=500, num_test=50, batch_size=8, max_steps=100_000,
                         time_limit_s=1.0, eval_every=10_000)
     record = mqar_train.train_one(MQARSetting("short_conv", 16, 16, 2), 1e-2, opts)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..models.config import ModelConfig
 from ..models.lm import LanguageModel
+from ..ops.losses import BLOCK_ELEMENTS, linear_cross_entropy
 from .mqar_data import IGNORE, MQARBatch, multiquery_ar
 from .probe_train import Deadline, HorizonFit, make_optimizer
 
@@ -63,24 +64,42 @@ def mqar_config(setting: MQARSetting, opts: TrainOptions) -> ModelConfig:
                        extra={"mamba_head_dim": min(64, 2 * setting.d_model), **opts.extra})
 
 
+def labelled_hidden(model: LanguageModel, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+    """inputs/labels [B, T] -> (final hidden states [M, D], targets [M]) at the M labelled positions."""
+    hidden = model(inputs, logits_to_keep=1).hidden  # [B, T, D]; the head runs on 1 position only
+    mask = labels != IGNORE
+    return hidden[mask], labels[mask]
+
+
 def labelled_logits(model: LanguageModel, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
                                                                                                  torch.Tensor]:
     """inputs/labels [B, T] -> (logits [M, V], targets [M]) at the M labelled positions only."""
-    hidden = model(inputs, logits_to_keep=1).hidden  # [B, T, D]; the head runs on 1 position only
-    mask = labels != IGNORE
-    return hidden[mask] @ model.head_weight.t(), labels[mask]
+    hidden, targets = labelled_hidden(model, inputs, labels)
+    return hidden @ model.head_weight.t(), targets
+
+
+def labelled_loss(model: LanguageModel, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy at the labelled positions, without the [M, V] logits
+    (:func:`~nimblelm.ops.losses.linear_cross_entropy`; equal to cross-entropy of `labelled_logits`)."""
+    hidden, targets = labelled_hidden(model, inputs, labels)
+    return linear_cross_entropy(hidden, model.head_weight, targets)
 
 
 @torch.no_grad()
-def evaluate(model: LanguageModel, data: MQARBatch, batch_size: int = 256) -> tuple[float, float]:
+def evaluate(model: LanguageModel, data: MQARBatch, batch_size: int = 64) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) over every labelled position of ``data``."""
     model.eval()
     correct, total, loss_sum = 0, 0, 0.0
+    head_t = model.head_weight.t()  # [D, V]
+    rows = max(1, BLOCK_ELEMENTS // head_t.shape[1])  # logits a cache-sized block of rows at a time
     for start in range(0, data.inputs.shape[0], batch_size):
-        logits, targets = labelled_logits(model, data.inputs[start:start + batch_size],
+        hidden, targets = labelled_hidden(model, data.inputs[start:start + batch_size],
                                           data.labels[start:start + batch_size])
-        correct += int((logits.argmax(-1) == targets).sum())
-        loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
+        for r in range(0, hidden.shape[0], rows):
+            logits, t = hidden[r:r + rows] @ head_t, targets[r:r + rows]
+            correct += int((logits.argmax(-1) == t).sum())
+            loss_sum += float(F.cross_entropy(logits, t, reduction="sum"))
         total += targets.numel()
     model.train()
     return correct / total, loss_sum / total
@@ -113,8 +132,7 @@ def train_one(setting: MQARSetting, lr: float, opts: TrainOptions,
             order, cursor = torch.randperm(train.inputs.shape[0], generator=generator), 0
         idx = order[cursor:cursor + opts.batch_size]
         cursor += opts.batch_size
-        logits, targets = labelled_logits(model, train.inputs[idx], train.labels[idx])
-        loss = F.cross_entropy(logits, targets)
+        loss = labelled_loss(model, train.inputs[idx], train.labels[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

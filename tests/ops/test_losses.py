@@ -1,0 +1,74 @@
+"""linear_cross_entropy (blocked, gradients in the forward pass) against the unfused oracle."""
+
+import pytest
+import torch
+
+from nimblelm.ops.losses import IGNORE_INDEX, linear_cross_entropy, reference_linear_cross_entropy
+
+
+def _inputs(M, D, V, dtype, seed=0, ignored=()):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(M, D, generator=g, dtype=dtype).requires_grad_()
+    weight = (torch.randn(V, D, generator=g, dtype=dtype) * 0.5).requires_grad_()
+    targets = torch.randint(V, (M,), generator=g)
+    targets[list(ignored)] = IGNORE_INDEX
+    return hidden, weight, targets
+
+
+def _loss_and_grads(fn, hidden, weight, targets, **kw):
+    hidden.grad = weight.grad = None
+    loss = fn(hidden, weight, targets, **kw)
+    (3.0 * loss).backward()  # an upstream gradient other than 1 must scale both gradients
+    return loss.detach(), hidden.grad.clone(), weight.grad.clone()
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 64, None])
+def test_matches_the_unfused_cross_entropy_in_float64(block_rows):
+    hidden, weight, targets = _inputs(50, 12, 37, torch.float64, ignored=(3, 4, 49))
+    ref = _loss_and_grads(reference_linear_cross_entropy, hidden, weight, targets)
+    got = _loss_and_grads(linear_cross_entropy, hidden, weight, targets, block_rows=block_rows)
+    assert got[0].dtype == torch.float64
+    assert abs(float(got[0]) - float(ref[0])) < 1e-12
+    for a, b in zip(got[1:], ref[1:]):
+        assert a.dtype == b.dtype and torch.allclose(a, b, atol=1e-12, rtol=1e-10)
+
+
+def test_float32_at_mqar_size_and_large_logits():
+    hidden, weight, targets = _inputs(300, 32, 2048, torch.float32, seed=1, ignored=range(0, 300, 5))
+    with torch.no_grad():
+        weight.mul_(30.0)  # logits in the hundreds: the max subtraction must keep exp finite
+    ref = _loss_and_grads(reference_linear_cross_entropy, hidden, weight, targets)
+    got = _loss_and_grads(linear_cross_entropy, hidden, weight, targets, block_rows=64)
+    assert torch.isfinite(got[0]) and abs(float(got[0]) - float(ref[0])) <= 1e-5 * abs(float(ref[0]))
+    for a, b in zip(got[1:], ref[1:]):
+        assert (a - b).norm() <= 1e-5 * b.norm()
+
+
+def test_without_autograd_and_with_only_one_input_requiring_grad():
+    hidden, weight, targets = _inputs(20, 8, 30, torch.float64, seed=2)
+    ref = reference_linear_cross_entropy(hidden, weight, targets)
+    with torch.no_grad():
+        assert abs(float(linear_cross_entropy(hidden, weight, targets, block_rows=6)) - float(ref)) < 1e-6
+    frozen = weight.detach()
+    loss = linear_cross_entropy(hidden, frozen, targets, block_rows=6)
+    loss.backward()
+    hidden_ref = hidden.detach().clone().requires_grad_()
+    reference_linear_cross_entropy(hidden_ref, frozen, targets).backward()
+    assert torch.allclose(hidden.grad, hidden_ref.grad, atol=1e-12)
+
+
+def test_every_row_ignored_gives_zero_loss_and_gradients():
+    hidden, weight, targets = _inputs(6, 4, 9, torch.float64, ignored=range(6))
+    loss = linear_cross_entropy(hidden, weight, targets)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and not hidden.grad.any() and not weight.grad.any()
+
+
+def test_bad_inputs_name_what_to_change():
+    hidden, weight, targets = _inputs(4, 3, 5, torch.float32)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        linear_cross_entropy(hidden, weight, torch.tensor([0, 1, 5, 2]))
+    with pytest.raises(ValueError, match="targets must be int64"):
+        linear_cross_entropy(hidden, weight, targets[:3])
+    with pytest.raises(ValueError, match=r"hidden \[M, D\] and weight \[V, D\]"):
+        linear_cross_entropy(hidden, weight[:, :2], targets)
