@@ -93,6 +93,25 @@ def _tiny_model(seed=0):
     return nl.LanguageModel(nl.ModelConfig.from_preset("attention-tiny", vocab_size=300))
 
 
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_lm_loss_is_the_cross_entropy_of_the_full_logits(softcap):
+    """The blocked head loss (no soft-cap) and the logits path (soft-cap) both equal
+    F.cross_entropy over every position's logits, loss and gradients (float64)."""
+    torch.manual_seed(0)
+    config = nl.ModelConfig.from_preset("attention-tiny", vocab_size=300, logit_softcap=softcap)
+    model = nl.LanguageModel(config).double()
+    batch = torch.randint(300, (2, 17))
+    loss, _ = lm_loss(model, batch)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ref = torch.nn.functional.cross_entropy(model(batch[:, :-1]).logits.flatten(0, 1), batch[:, 1:].flatten())
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-12
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-9, atol=1e-12, msg=n)
+
+
 def test_training_lowers_loss_and_resume_is_exact(corpus_dir, tmp_path):
     data = TokenData(corpus_dir)
     kwargs = dict(max_steps=8, batch_size=2, seq_len=16, lr=3e-3, warmup_steps=2, eval_every=4, eval_batches=2,

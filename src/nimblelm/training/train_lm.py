@@ -22,24 +22,41 @@ import torch.nn.functional as F
 
 from ..errors import NimbleError
 from ..models import LanguageModel, ModelConfig
+from ..models.lm import ModelOutput
+from ..ops.losses import linear_cross_entropy
 from .data import TokenData
 from .loop import TrainConfig, add_loop_arguments, config_from_args, evaluate, train
 
 AUX_LOSS_WEIGHT = 0.01
 
 
+def next_token_ce(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, ModelOutput]:
+    """(mean next-token cross-entropy over batch [B, T + 1], the model's output). ``model`` is a
+    LanguageModel, possibly wrapped (DistributedDataParallel). Without a logit soft-cap the
+    loss comes from the final hidden states through the blocked
+    :func:`~nimblelm.ops.losses.linear_cross_entropy` (the [B*T, V] logits are never formed)."""
+    core = getattr(model, "module", model)
+    targets = batch[:, 1:].flatten()
+    if isinstance(core, LanguageModel) and core.config.logit_softcap is None:
+        out = model(batch[:, :-1], logits_to_keep=1)  # the head runs on one position only
+        return linear_cross_entropy(out.hidden.flatten(0, 1), core.head_weight, targets), out
+    out = model(batch[:, :-1])
+    logits = out.logits.flatten(0, 1)
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()  # the softmax in float32 at least
+    return F.cross_entropy(logits, targets), out
+
+
 def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean next-token cross-entropy over batch [B, T + 1] (+ weighted MoE aux loss)."""
-    out = model(batch[:, :-1])
-    ce = F.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+    ce, out = next_token_ce(model, batch)
     if out.aux_loss is None:
         return ce, {}
     return ce + AUX_LOSS_WEIGHT * out.aux_loss, {"aux_loss": float(out.aux_loss)}
 
 
 def ce_only(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    out = model(batch[:, :-1])
-    return F.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].flatten()), {}
+    return next_token_ce(model, batch)[0], {}
 
 
 def build_parser() -> argparse.ArgumentParser:
