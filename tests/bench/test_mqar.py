@@ -207,6 +207,24 @@ def test_report_merges_sweeps_of_one_budget_and_refuses_mixed_budgets(tmp_path, 
     assert mqar.main(["--quick", "--json", f"{a},{b}"]) == 2  # training writes one file
 
 
+def test_workers_give_the_sequential_sweep_runs(tmp_path):
+    """--workers 2 trains settings in spawned processes; every run is seeded, so the records
+    equal the single-process sweep's (timings aside), and the parent writes them all."""
+    common = ["--quick", "--mixers", "attention,short_conv", "--lrs", "1e-2,3e-3", "--max-steps", "40",
+              "--eval-every", "20", "--time-limit", "600"]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert mqar.main(common + ["--json", str(one)]) == 0
+    assert mqar.main(common + ["--json", str(two), "--workers", "2"]) == 0
+    timing = ("seconds", "decode_tokens_per_s")
+
+    def runs(path):
+        return sorted(({k: v for k, v in r.items() if k not in timing} for r in json.loads(path.read_text())["runs"]),
+                      key=lambda r: (r["mixer"], r["lr"]))
+
+    assert len(runs(one)) == 4 and runs(one) == runs(two)
+    assert mqar.main(common + ["--json", str(two), "--workers", "0"]) == 2
+
+
 def test_best_over_learning_rates():
     runs = [dict(mixer="gla", d_model=64, seq_len=64, num_kv_pairs=4, lr=lr, accuracy=acc, curve=[])
             for lr, acc in [(1e-3, 0.4), (3e-3, 0.9), (1e-2, 0.2)]]

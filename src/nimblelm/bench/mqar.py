@@ -12,7 +12,8 @@ Full sweep (hours; resumable): every mixer x d_model {32, 64, 128} x (seq_len, k
     nimblelm bench mqar --out results/mqar --json results/mqar/mqar.json --resume
 
 Every finished run is appended to the JSON at once, so ``--resume`` continues where a killed
-sweep stopped. ``--out`` gets ``mqar.md`` (the table) and PNG plots (:mod:`nimblelm.bench.plots`).
+sweep stopped. ``--workers N --threads 1`` trains N settings at a time (one process each, so
+the sweep scales with cores; every run is seeded, so the records are the single-process ones). ``--out`` gets ``mqar.md`` (the table) and PNG plots (:mod:`nimblelm.bench.plots`).
 ``--report --json A.json,B.json --out DIR`` renders sweeps run side by side (one JSON per
 process) as one table, provided they share the training budget.
 ``--quick`` trains attention on a tiny MQAR (vocabulary 64) in seconds: the CI smoke test.
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -69,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable; VALUE is read as JSON when it parses, else as a string); runs with "
                         "options are kept apart from runs without in the JSON and the table")
     p.add_argument("--all-lrs", action="store_true", help="run every lr even after one reached 99%%")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; per worker)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="settings trained at a time, each in its own process (default 1); e.g. one per core "
+                        "with --threads 1")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -158,51 +163,125 @@ def _key(run: dict) -> tuple:
 def run_mqar(args: argparse.Namespace) -> dict:
     """The sweep; returns {"options", "runs" (every (setting, lr) run), "best" (one row per setting)}.
     With ``--out`` the table and plots are rewritten after every run, so a long sweep shows its
-    progress; ``--report`` only renders the runs already in the JSON."""
+    progress; ``--report`` only renders the runs already in the JSON. ``--workers N`` trains N
+    settings at a time in separate processes (``--threads`` each); the parent alone writes."""
     if getattr(args, "report", False):
         return _report_only(args)
     if args.json and "," in args.json:
         raise ValueError(f"--json takes one file when training (a comma-separated list is for --report), "
                          f"got {args.json!r}")
+    workers = getattr(args, "workers", 1)
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
     o = resolve(args)
     torch.set_num_threads(args.threads)
     opts = _options(o, args)
     path = _results_path(args)
     runs = _load_previous(path, args.resume)
-    done = {_key(r) for r in runs}
-    settings = [MQARSetting(m, d, length, kv) for (length, kv) in o["tasks"] for d in o["d_models"]
-                for m in o["mixers"]]
     results = {"options": {k: v for k, v in o.items()}, "runs": runs, "best": []}
-    bar = tqdm(total=len(settings) * len(o["lrs"]), desc="mqar", file=sys.stderr, disable=args.quick)
-    data_cache: dict[tuple, tuple] = {}
-    for setting in settings:
-        task = (setting.seq_len, setting.num_kv_pairs)
-        if task not in data_cache:
-            data_cache.clear()
-            data_cache[task] = make_data(setting, opts)
-        for lr in o["lrs"]:
-            this = {**vars(setting), "lr": float(lr), "mixer_options": o["mixer_options"]}
-            mine = [r for r in runs if _key(r)[:4] == _key(this)[:4]]
-            solved = any(r["accuracy"] >= opts.target_accuracy for r in mine)
-            if _key(this) in done or (solved and not args.all_lrs):
-                bar.update(1)
-                continue
-            record = train_one(setting, lr, opts, data_cache[task], progress=bar)
-            record["decode_tokens_per_s"] = round(decode_throughput(setting, opts), 1)
-            if o["mixer_options"]:
-                record["mixer_options"] = dict(o["mixer_options"])
-            runs.append(record)
-            bar.update(1)
-            results["best"] = best_rows(runs)
-            if path:
-                write_json_atomic(path, results)
-            if args.out:
-                write_outputs(results, args.out)
+    jobs = _jobs(o, opts, runs, args.all_lrs)
+    bar = tqdm(total=len(jobs) and sum(len(j.lrs) for j in jobs), desc="mqar", file=sys.stderr,
+               disable=args.quick)
+
+    def record(new: list[dict]) -> None:  # the parent's only write path: JSON, table, plots
+        runs.extend(new)
+        results["best"] = best_rows(runs)
+        if path:
+            write_json_atomic(path, results)
+        if args.out:
+            write_outputs(results, args.out)
+
+    if workers == 1:
+        data_cache: dict[tuple, tuple] = {}
+        for job in jobs:
+            task = (job.setting.seq_len, job.setting.num_kv_pairs)
+            if task not in data_cache:
+                data_cache.clear()
+                data_cache[task] = make_data(job.setting, opts)
+            run_job(job, data_cache[task], bar, on_record=lambda r: record([r]))
+    else:
+        _run_in_workers(jobs, workers, args.threads, bar, record)
     bar.close()
     results["best"] = best_rows(runs)
     if args.out:
         write_outputs(results, args.out)
     return results
+
+
+@dataclass
+class Job:
+    """One setting of the sweep with the learning rates still to run, tried in order; once one
+    reaches the target accuracy (or one already had, in ``solved``) the rest are skipped
+    unless ``all_lrs``."""
+
+    setting: MQARSetting
+    lrs: list[float]
+    opts: TrainOptions
+    mixer_options: dict
+    solved: bool
+    all_lrs: bool
+
+
+def _jobs(o: dict, opts: TrainOptions, runs: list[dict], all_lrs: bool) -> list[Job]:
+    """The settings in sweep order (task, then d_model, then mixer) that have runs left to do."""
+    done = {_key(r) for r in runs}
+    jobs = []
+    for (length, kv) in o["tasks"]:
+        for d in o["d_models"]:
+            for m in o["mixers"]:
+                setting = MQARSetting(m, d, length, kv)
+                this = {**vars(setting), "mixer_options": o["mixer_options"]}
+                mine = [r for r in runs if _key(r)[:4] == _key({**this, "lr": 0.0})[:4]]
+                solved = any(r["accuracy"] >= opts.target_accuracy for r in mine)
+                lrs = [float(lr) for lr in o["lrs"] if _key({**this, "lr": float(lr)}) not in done]
+                if lrs and not (solved and not all_lrs):
+                    jobs.append(Job(setting, lrs, opts, dict(o["mixer_options"]), solved, all_lrs))
+    return jobs
+
+
+def run_job(job: Job, data: tuple, progress=None, on_record=None) -> list[dict]:
+    """Train ``job``'s learning rates in order (see `Job`); returns the new records, passing
+    each to ``on_record`` as soon as it exists."""
+    records, solved = [], job.solved
+    for lr in job.lrs:
+        if solved and not job.all_lrs:
+            if progress is not None:
+                progress.update(1)
+            continue
+        rec = train_one(job.setting, lr, job.opts, data, progress=progress)
+        rec["decode_tokens_per_s"] = round(decode_throughput(job.setting, job.opts), 1)
+        if job.mixer_options:
+            rec["mixer_options"] = dict(job.mixer_options)
+        solved = solved or rec["accuracy"] >= job.opts.target_accuracy
+        records.append(rec)
+        if on_record is not None:
+            on_record(rec)
+        if progress is not None:
+            progress.update(1)
+    return records
+
+
+def _worker_job(job_and_threads: tuple[Job, int]) -> tuple[int, list[dict]]:
+    """In a worker process: one job, with its own data (seeded, so equal to the parent's).
+    Returns (learning rates it accounts for, new records)."""
+    from ..native.allocator import configure_from_environment
+
+    job, threads = job_and_threads
+    configure_from_environment()
+    torch.set_num_threads(threads)
+    return len(job.lrs), run_job(job, make_data(job.setting, job.opts))
+
+
+def _run_in_workers(jobs: list[Job], workers: int, threads: int, bar, record) -> None:
+    """``jobs`` over a pool of ``workers`` spawned processes; each finished job's records reach
+    ``record`` in the parent (a job cut off by an interruption is run again on --resume)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
+    with ctx.Pool(processes=min(workers, max(1, len(jobs)))) as pool:
+        for tried, new in pool.imap_unordered(_worker_job, [(job, threads) for job in jobs]):
+            record(new)  # in the order the jobs finish
+            bar.update(tried)
 
 
 # what makes two sweeps' accuracies comparable (the mixers, widths, tasks and lrs may differ)
