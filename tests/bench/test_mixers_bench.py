@@ -93,6 +93,32 @@ def test_naive_budget_skips_with_an_estimate(capsys):
     assert "~" in mixers.format_tables(results)
 
 
+def test_naive_baseline_is_its_faster_thread_count():
+    """With 2 threads the loops are also timed at 1 thread and the faster run is the baseline,
+    so a loop of tiny ops slowed down by threading cannot inflate the speedup."""
+    opts = {"naive_budget": 100.0, "repeats": 2}
+
+    def fake(seconds_per_thread):
+        def fn():
+            time_spent[0] += seconds_per_thread[torch.get_num_threads()]
+        return fn
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with mock.patch.object(mixers.time, "perf_counter", side_effect=lambda: time_spent[0]):
+            time_spent = [0.0]
+            slower_on_two, _ = mixers._budgeted("loop", fake({1: 1.0, 2: 3.0}), None, 4, None, opts)
+            time_spent = [0.0]
+            faster_on_two, _ = mixers._budgeted("loop", fake({1: 1.0, 2: 0.5}), None, 4, None, opts)
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(threads)
+    assert slower_on_two["median_s"] == 1.0 and slower_on_two["threads_used"] == 1
+    assert slower_on_two["median_s_at_threads"] == 3.0 and slower_on_two["median_s_1_thread"] == 1.0
+    assert faster_on_two["median_s"] == 0.5 and faster_on_two["threads_used"] == 2
+
+
 def test_unknown_mixer_is_an_error(capsys):
     assert mixers.main(["--quick", "--mixers", "nope"]) == 2
     assert "unknown mixer" in capsys.readouterr().err

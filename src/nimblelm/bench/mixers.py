@@ -310,13 +310,25 @@ def _inputs(length: int, hidden: int, seed: int) -> torch.Tensor:
 
 def _budgeted(label: str, fn: Callable, warmup: Callable, length: int, per_token: float | None,
               opts: dict[str, Any]) -> tuple[dict[str, Any], float | None]:
-    """Time a naive form unless its estimate (``per_token`` s x ``length``) exceeds the budget.
-    Returns (entry, the per-token seconds to extrapolate from next)."""
+    """Time a naive form unless its estimate (``per_token`` s x ``length``) exceeds the budget;
+    with more than one torch thread also at one thread, keeping the faster (both medians are
+    in the entry). Returns (entry, the per-token seconds to extrapolate from next)."""
     budget = opts["naive_budget"]
     if per_token is not None and per_token * length > budget:
         return {"estimated_s": per_token * length, "skipped": f"{label}: estimated {per_token * length:.1f} s > "
                 f"--naive-budget {budget:g} s (linear extrapolation from a shorter T)"}, per_token
     timed = time_call(fn, opts["repeats"], warmup=warmup, budget=budget)
+    threads = torch.get_num_threads()
+    if threads > 1:  # a loop of tiny ops can be slower on more threads: the baseline is its faster run
+        torch.set_num_threads(1)
+        try:
+            single = time_call(fn, opts["repeats"], warmup=warmup, budget=budget)
+        finally:
+            torch.set_num_threads(threads)
+        timed["median_s_at_threads"], timed["median_s_1_thread"] = timed["median_s"], single["median_s"]
+        if single["median_s"] < timed["median_s"]:
+            timed.update(median_s=single["median_s"], min_s=single["min_s"], seconds=single["seconds"])
+        timed["threads_used"] = threads if timed["median_s"] == timed["median_s_at_threads"] else 1
     return timed, timed["median_s"] / length
 
 
@@ -331,6 +343,7 @@ def bench_prefill(name: str, runner: LayerRunner, opts: dict[str, Any],
         loop, loop_pt = _budgeted("loop", lambda: runner.loop(x), lambda: runner.loop(short), length, loop_pt, opts)
         entry = {"T": length, "fast_s": fast["median_s"], "fast_runs": fast["seconds"],
                  "loop_s": loop.get("median_s"), "loop_runs": loop.get("seconds"),
+                 "loop_threads": loop.get("threads_used"), "loop_s_1_thread": loop.get("median_s_1_thread"),
                  "loop_estimated_s": loop.get("estimated_s"), "loop_note": loop.get("skipped")}
         if "output" in loop:
             entry["max_abs_fast_minus_loop"] = float((fast["output"][0] - loop["output"]).abs().max())
@@ -355,6 +368,7 @@ def _bench_op(entry: dict[str, Any], forms: mixers_ops.OpForms, length: int, per
     naive, per_token = _budgeted("naive op", forms.naive, forms.naive_warmup, length, per_token, opts)
     entry.update(op_family=forms.family, op_fast=forms.fast_name, op_naive=forms.naive_name,
                  op_fast_s=fast["median_s"], op_fast_min_s=fast["min_s"], op_naive_s=naive.get("median_s"),
+                 op_naive_threads=naive.get("threads_used"), op_naive_s_1_thread=naive.get("median_s_1_thread"),
                  op_naive_estimated_s=naive.get("estimated_s"), op_note=naive.get("skipped"))
     ref = entry["op_naive_s"] or entry["op_naive_estimated_s"]
     entry["op_speedup"] = ref / entry["op_fast_s"] if ref else None
@@ -427,6 +441,8 @@ def _prefill_table(results: dict[str, Any]) -> list[str]:
                 f" {_ms(e.get('op_naive_s'), e.get('op_naive_estimated_s')):>9}"
                 f" {_x(e.get('op_speedup'), e.get('op_naive_s') is None):>9} {diff_text:>14}")
     lines.append("~ = not run: estimated by linear extrapolation from the largest T measured (over --naive-budget)")
+    if results["machine"].get("torch_threads", 1) > 1:
+        lines.append("loop and naive op: the faster of their runs at --threads and at 1 thread (both in the JSON)")
     return lines
 
 
