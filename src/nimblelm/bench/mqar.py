@@ -13,7 +13,8 @@ Full sweep (hours; resumable): every mixer x d_model {32, 64, 128} x (seq_len, k
 
 Every finished run is appended to the JSON at once, so ``--resume`` continues where a killed
 sweep stopped. ``--workers N --threads 1`` trains N settings at a time (one process each, so
-the sweep scales with cores; every run is seeded, so the records are the single-process ones). ``--out`` gets ``mqar.md`` (the table) and PNG plots (:mod:`nimblelm.bench.plots`).
+the sweep scales with cores; every run is seeded, so the records are the single-process ones).
+``--out`` gets ``mqar.md`` (the table) and PNG plots (:mod:`nimblelm.bench.plots`).
 ``--report --json A.json,B.json --out DIR`` renders sweeps run side by side (one JSON per
 process) as one table, provided they share the training budget.
 ``--quick`` trains attention on a tiny MQAR (vocabulary 64) in seconds: the CI smoke test.
@@ -180,8 +181,7 @@ def run_mqar(args: argparse.Namespace) -> dict:
     runs = _load_previous(path, args.resume)
     results = {"options": {k: v for k, v in o.items()}, "runs": runs, "best": []}
     jobs = _jobs(o, opts, runs, args.all_lrs)
-    bar = tqdm(total=len(jobs) and sum(len(j.lrs) for j in jobs), desc="mqar", file=sys.stderr,
-               disable=args.quick)
+    bar = tqdm(total=sum(len(j.lrs) for j in jobs), desc="mqar", file=sys.stderr, disable=args.quick)
 
     def record(new: list[dict]) -> None:  # the parent's only write path: JSON, table, plots
         runs.extend(new)
