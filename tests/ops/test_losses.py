@@ -57,6 +57,23 @@ def test_without_autograd_and_with_only_one_input_requiring_grad():
     assert torch.allclose(hidden.grad, hidden_ref.grad, atol=1e-12)
 
 
+def test_bfloat16_inputs_softmax_in_float32():
+    hidden, weight, targets = _inputs(40, 16, 64, torch.float32, seed=3)
+    h16, w16 = (t.detach().bfloat16().requires_grad_() for t in (hidden, weight))
+    got = _loss_and_grads(linear_cross_entropy, h16, w16, targets, block_rows=16)
+    ref = _loss_and_grads(reference_linear_cross_entropy, h16, w16, targets)
+    assert got[0].dtype == torch.float32 and abs(float(got[0]) - float(ref[0])) < 1e-3
+    for a, b in zip(got[1:], ref[1:]):
+        assert a.dtype == torch.bfloat16 and (a.float() - b.float()).norm() <= 2e-2 * b.float().norm()
+
+
+def test_no_rows():
+    hidden, weight, targets = _inputs(0, 4, 9, torch.float64)
+    loss = linear_cross_entropy(hidden, weight, targets)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and loss.dtype == torch.float64 and not weight.grad.any()
+
+
 def test_every_row_ignored_gives_zero_loss_and_gradients():
     hidden, weight, targets = _inputs(6, 4, 9, torch.float64, ignored=range(6))
     loss = linear_cross_entropy(hidden, weight, targets)

@@ -117,8 +117,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore
     block_rows: rows per block (default: about 8 MiB of float32 logits per block)."""
     _check(hidden, weight, targets)
     rows = block_rows or max(1, BLOCK_ELEMENTS // max(1, weight.shape[0]))
-    if hidden.shape[0] == 0:
-        return (hidden.sum() * 0 + weight.sum() * 0).float()
+    if hidden.shape[0] == 0:  # no rows: 0, still connected to both inputs for autograd
+        return (hidden.sum() * 0 + weight.sum() * 0).to(torch.float64 if hidden.dtype == torch.float64
+                                                        else torch.float32)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden.contiguous(), weight, targets, ignore_index, rows)
     return _blocks(hidden, weight, targets, ignore_index, False, rows)[0]
