@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from nimblelm.ops.losses import IGNORE_INDEX, linear_cross_entropy, reference_linear_cross_entropy
+from nimblelm.ops.losses import (IGNORE_INDEX, linear_cross_entropy, linear_soft_cross_entropy,
+                                  reference_linear_cross_entropy, reference_linear_soft_cross_entropy)
 
 
 def _inputs(M, D, V, dtype, seed=0, ignored=()):
@@ -89,3 +90,36 @@ def test_bad_inputs_name_what_to_change():
         linear_cross_entropy(hidden, weight, targets[:3])
     with pytest.raises(ValueError, match=r"hidden \[M, D\] and weight \[V, D\]"):
         linear_cross_entropy(hidden, weight[:, :2], targets)
+
+
+@pytest.mark.parametrize("block_rows", [1, 5, 64])
+def test_soft_cross_entropy_matches_the_unfused_form_on_strided_targets(block_rows):
+    """hidden [B, n, D] against probs[:, 1:] of a [B, n + 1, V] tensor (a strided view), blocks
+    crossing batch rows; the head frozen, as in drafter training (only hidden gets a gradient)."""
+    g = torch.Generator().manual_seed(4)
+    B, n, D, V = 3, 7, 6, 11
+    hidden = torch.randn(B, n, D, generator=g, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(V, D, generator=g, dtype=torch.float64)
+    teacher = torch.randn(B, n + 1, V, generator=g, dtype=torch.float64).softmax(-1)
+    probs = teacher[:, 1:]
+    loss, argmax = linear_soft_cross_entropy(hidden, weight, probs, block_rows=block_rows)
+    (2.0 * loss).backward()
+    got = hidden.grad.clone()
+    hidden.grad = None
+    ref = reference_linear_soft_cross_entropy(hidden.reshape(-1, D), weight, probs.reshape(-1, V))
+    (2.0 * ref).backward()
+    assert abs(loss.item() - ref.item()) < 1e-12
+    assert torch.allclose(got, hidden.grad, atol=1e-12, rtol=1e-10)
+    assert torch.equal(argmax, (hidden.detach() @ weight.t()).argmax(-1))
+
+
+def test_soft_cross_entropy_weight_gradient_and_unnormalised_rows():
+    hidden, weight, _ = _inputs(9, 5, 13, torch.float64, seed=5)
+    probs = torch.rand(9, 13, dtype=torch.float64)  # rows summing to anything
+    ref = _loss_and_grads(lambda h, w, p: reference_linear_soft_cross_entropy(h, w, p), hidden, weight, probs)
+    got = _loss_and_grads(lambda h, w, p: linear_soft_cross_entropy(h, w, p, block_rows=4)[0], hidden, weight, probs)
+    assert abs(float(got[0]) - float(ref[0])) < 1e-12
+    for a, b in zip(got[1:], ref[1:]):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-10)
+    with pytest.raises(ValueError, match="probs must be"):
+        linear_soft_cross_entropy(hidden, weight, probs[:, :12])

@@ -103,3 +103,26 @@ def test_bad_arguments(setup, tmp_path):
         train_drafter.main(args(root, "tree", tmp_path / "x"))
     with pytest.raises(nl.NimbleError, match="--num-layers must be in 1..4"):
         train_drafter.main(args(root, "sps", tmp_path / "x", 2, "--num-layers", "9"))
+
+
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_head_distillation_equals_the_soft_cross_entropy_of_the_head_logits(softcap):
+    """The blocked head loss (no soft-cap) and the logits path (soft-cap) give the loss,
+    gradient and agreement of soft_cross_entropy(target_logits(...)) (float64)."""
+    from nimblelm.generation.speculative.drafters.heads import target_logits
+
+    torch.manual_seed(1)
+    config = nl.ModelConfig.from_preset("attention-tiny", vocab_size=VOCAB, logit_softcap=softcap)
+    target = nl.LanguageModel(config).double().eval().requires_grad_(False)
+    hidden = torch.randn(2, 5, config.hidden_size, dtype=torch.float64, requires_grad=True)
+    probs = torch.randn(2, 6, VOCAB, dtype=torch.float64).softmax(-1)[:, 1:]  # a strided view
+    ce, acc = train_drafter.head_distillation(target, hidden, probs)
+    ce.backward()
+    got = hidden.grad.clone()
+    hidden.grad = None
+    logits = target_logits(target, hidden)
+    ref = -(probs * logits.log_softmax(-1)).sum(-1).mean()  # float64 (soft_cross_entropy is float32)
+    ref.backward()
+    tol = 1e-12 if softcap is None else 1e-6  # the soft-cap path is soft_cross_entropy itself
+    assert abs(ce.item() - ref.item()) < tol and acc == train_drafter.agreement(logits, probs)
+    assert torch.allclose(got, hidden.grad, atol=tol, rtol=1e-10 if softcap is None else 1e-5)

@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["linear_cross_entropy", "reference_linear_cross_entropy", "IGNORE_INDEX", "BLOCK_ELEMENTS"]
+__all__ = ["linear_cross_entropy", "reference_linear_cross_entropy", "linear_soft_cross_entropy",
+           "reference_linear_soft_cross_entropy", "IGNORE_INDEX", "BLOCK_ELEMENTS"]
 
 IGNORE_INDEX = -100
 BLOCK_ELEMENTS = 1 << 21  # logits per block (8 MiB in float32): R = BLOCK_ELEMENTS // V rows
@@ -52,62 +53,128 @@ def _check(hidden: Tensor, weight: Tensor, targets: Tensor) -> None:
                          f"{targets.dtype} {tuple(targets.shape)}")
 
 
-def _blocks(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, want_grads: bool,
-            rows: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(mean loss, d loss / d hidden or None, d loss / d weight or None), block by block."""
+def _spans(M: int, rows: int) -> list[slice]:
+    return [slice(start, min(M, start + rows)) for start in range(0, M, rows)]
+
+
+class _HardTargets:
+    """Integer targets [M] with ``ignore_index`` rows left out of the mean."""
+
+    def __init__(self, targets: Tensor, ignore_index: int, V: int):
+        keep = targets != ignore_index
+        bad = keep & ((targets < 0) | (targets >= V))
+        if bool(bad.any()):
+            raise ValueError(f"target {int(targets[bad][0])} is outside the vocabulary [0, {V}) "
+                             f"(use {ignore_index} for positions without a target)")
+        self.keep, self.idx = keep, targets.clamp(0, V - 1)[:, None]  # ignored rows read a real column
+        self.inv = 1.0 / max(int(keep.sum()), 1)  # every kept row's weight in the mean
+
+    def block(self, rows: slice, z: Tensor) -> tuple[Tensor, Tensor, None]:
+        """(z at each row's target, row weights (0 where ignored), mass None: 1) of a block."""
+        return z.gather(1, self.idx[rows])[:, 0], self.keep[rows].to(z.dtype) * self.inv, None
+
+    def subtract(self, rows: slice, grad: Tensor, row_w: Tensor) -> None:
+        grad.scatter_add_(1, self.idx[rows], -row_w[:, None])  # - onehot, weighted
+
+    def spans(self, M: int, rows: int) -> list[slice]:
+        return _spans(M, rows)
+
+
+class _SoftTargets:
+    """Target distributions [M, V], or [B, n, V] for M = B * n rows (any strides along B and n:
+    blocks stay inside one batch row and read it as a view, so a slice like probs[:, 1:] is
+    never copied). Rows need not be normalised: the loss is sum_v -p_v log q_v."""
+
+    def __init__(self, probs: Tensor, M: int):
+        self.probs, self.inv = probs, 1.0 / max(M, 1)
+
+    def spans(self, M: int, rows: int) -> list[slice]:
+        """Blocks of at most ``rows`` rows that never cross a batch row of [B, n, V] probs."""
+        if self.probs.dim() == 2:
+            return _spans(M, rows)
+        n = self.probs.shape[1]
+        return [slice(b * n + i, b * n + min(n, i + rows)) for b in range(self.probs.shape[0])
+                for i in range(0, n, rows)]
+
+    def _rows(self, rows: slice) -> Tensor:  # a view: blocks lie inside one batch row
+        if self.probs.dim() == 2:
+            return self.probs[rows]
+        b, i = divmod(rows.start, self.probs.shape[1])
+        return self.probs[b, i:i + rows.stop - rows.start]
+
+    def block(self, rows: slice, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(sum_v p_v z_v, row weights, mass sum_v p_v) of a block."""
+        self.current = self._rows(rows).to(z.dtype)  # [R, V], reused by subtract
+        return (self.current * z).sum(1), torch.full((z.shape[0],), self.inv, dtype=z.dtype), self.current.sum(1)
+
+    def subtract(self, rows: slice, grad: Tensor, row_w: Tensor) -> None:
+        grad.add_(self.current, alpha=-self.inv)
+
+
+def _blocks(hidden: Tensor, weight: Tensor, targets, want_h: bool, want_w: bool,
+            rows: int) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+    """(mean loss, d loss / d hidden or None, d loss / d weight or None, argmax of each row's
+    logits [M]), block by block. targets: `_HardTargets` or `_SoftTargets`. Per row the loss
+    is mass * lse(z) - picked (picked = z[target], or sum_v p_v z_v with mass = sum_v p_v), its
+    gradient w.r.t. z mass * softmax(z) - onehot (or - p)."""
     M, V = hidden.shape[0], weight.shape[0]
-    keep = targets != ignore_index
-    count = int(keep.sum())
-    if count and bool(((targets[keep] < 0) | (targets[keep] >= V)).any()):
-        bad = targets[keep][(targets[keep] < 0) | (targets[keep] >= V)][0]
-        raise ValueError(f"target {int(bad)} is outside the vocabulary [0, {V}) "
-                         f"(use {ignore_index} for positions without a target)")
-    inv = 1.0 / max(count, 1)  # every row's weight in the mean (0 where ignored)
     weight_t = weight.t()  # [D, V]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # softmax / gradient dtype
     total = torch.zeros((), dtype=torch.float64)
-    grad_h = torch.empty_like(hidden) if want_grads else None
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_grads else None
+    grad_h = torch.empty_like(hidden) if want_h else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+    argmax = torch.empty(M, dtype=torch.int64, device=hidden.device)
     buf = torch.empty(min(rows, M), V, dtype=hidden.dtype, device=hidden.device)
-    for start in range(0, M, rows):
-        h = hidden[start:start + rows]
+    for sl in targets.spans(M, rows):
+        h = hidden[sl]
         R = h.shape[0]
-        t, k = targets[start:start + R], keep[start:start + R]
         logits = torch.mm(h, weight_t, out=buf[:R])  # [R, V]
         z = logits if logits.dtype == acc else logits.to(acc)
-        idx = t.clamp(0, V - 1)[:, None]  # ignored rows read a real column, then weigh 0
-        picked = z.gather(1, idx)[:, 0]  # [R]
-        top = z.amax(1, keepdim=True)  # [R, 1]
-        p = z.sub_(top).exp_()  # [R, V] unnormalised probabilities (in place)
+        picked, row_w, mass = targets.block(sl, z)  # [R] each (mass None: 1)
+        top, argmax[sl] = z.max(1)  # [R]
+        p = z.sub_(top[:, None]).exp_()  # [R, V] unnormalised probabilities (in place)
         s = p.sum(1)  # [R]
-        lse = top[:, 0] + s.log()
-        total += ((lse - picked) * k).sum(dtype=torch.float64)
-        if want_grads:
-            row_w = (k.to(p.dtype) * inv)  # [R]
-            p.mul_((row_w / s)[:, None])  # softmax, weighted
-            p.scatter_add_(1, idx, -row_w[:, None])  # - onehot, weighted: d loss / d logits
-            g = p if p.dtype == hidden.dtype else p.to(hidden.dtype)
-            torch.mm(g, weight, out=grad_h[start:start + R])  # [R, D]
-            grad_w.addmm_(p.t(), h.to(acc))  # [V, D]
-    loss = (total * inv).to(acc)
-    return loss, grad_h, (None if grad_w is None else grad_w.to(weight.dtype))
+        lse = top + s.log()
+        total += (((lse if mass is None else lse * mass) - picked) * (row_w / targets.inv)).sum(dtype=torch.float64)
+        if want_h or want_w:
+            p.mul_((row_w / s if mass is None else row_w * mass / s)[:, None])  # softmax, weighted
+            targets.subtract(sl, p, row_w)  # d loss / d logits
+            if want_h:
+                torch.mm(p if p.dtype == hidden.dtype else p.to(hidden.dtype), weight, out=grad_h[sl])  # [R, D]
+            if want_w:
+                grad_w.addmm_(p.t(), h.to(acc))  # [V, D]
+    loss = (total * targets.inv).to(acc)
+    return loss, grad_h, (None if grad_w is None else grad_w.to(weight.dtype)), argmax
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, rows):
-        want = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        loss, grad_h, grad_w = _blocks(hidden, weight, targets, ignore_index, want, rows)
+    def forward(ctx, hidden, weight, targets, rows):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss, grad_h, grad_w, argmax = _blocks(hidden, weight, targets, want_h, want_w, rows)
         ctx.save_for_backward(grad_h, grad_w)
-        return loss
+        ctx.mark_non_differentiable(argmax)
+        return loss, argmax
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_argmax):
         grad_h, grad_w = ctx.saved_tensors
-        scale = grad_loss.to(grad_h.dtype)
-        return (grad_h * scale if ctx.needs_input_grad[0] else None,
-                grad_w * scale.to(grad_w.dtype) if ctx.needs_input_grad[1] else None, None, None, None)
+        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
+                None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype), None, None)
+
+
+def _run(hidden: Tensor, weight: Tensor, targets, block_rows: int | None) -> tuple[Tensor, Tensor]:
+    """(loss, argmax) of the fused form, through autograd when an input needs it."""
+    rows = block_rows or max(1, BLOCK_ELEMENTS // max(1, weight.shape[0]))
+    if hidden.shape[0] == 0:  # no rows: 0, still connected to both inputs for autograd
+        zero = (hidden.sum() * 0 + weight.sum() * 0).to(torch.float64 if hidden.dtype == torch.float64
+                                                        else torch.float32)
+        return zero, torch.zeros(0, dtype=torch.int64)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden.contiguous(), weight, targets, rows)
+    loss, _, _, argmax = _blocks(hidden, weight, targets, False, False, rows)
+    return loss, argmax
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX,
@@ -116,10 +183,31 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore
     ``targets == ignore_index`` left out (0 when every row is); see the module doc.
     block_rows: rows per block (default: about 8 MiB of float32 logits per block)."""
     _check(hidden, weight, targets)
-    rows = block_rows or max(1, BLOCK_ELEMENTS // max(1, weight.shape[0]))
-    if hidden.shape[0] == 0:  # no rows: 0, still connected to both inputs for autograd
-        return (hidden.sum() * 0 + weight.sum() * 0).to(torch.float64 if hidden.dtype == torch.float64
-                                                        else torch.float32)
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden.contiguous(), weight, targets, ignore_index, rows)
-    return _blocks(hidden, weight, targets, ignore_index, False, rows)[0]
+    return _run(hidden, weight, _HardTargets(targets, ignore_index, weight.shape[0]), block_rows)[0]
+
+
+def linear_soft_cross_entropy(hidden: Tensor, weight: Tensor, probs: Tensor,
+                              block_rows: int | None = None) -> tuple[Tensor, Tensor]:
+    """Distillation loss mean_rows(-sum_v probs_v log softmax(hidden @ weight.T)_v), blocked like
+    `linear_cross_entropy`, and the argmax of every row's logits (no gradient; e.g. for the
+    agreement with the teacher). hidden [M, D] and probs [M, V], or hidden [B, n, D] and probs
+    [B, n, V] (read a block of rows at a time, so a strided view is never copied whole);
+    weight [V, D]. Returns (loss, argmax [M] or [B, n])."""
+    if hidden.dim() not in (2, 3) or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear_soft_cross_entropy needs hidden [M, D] or [B, n, D] and weight [V, D]; got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if probs.shape != (*hidden.shape[:-1], weight.shape[0]):
+        raise ValueError(f"probs must be {(*hidden.shape[:-1], weight.shape[0])} (hidden's rows x V), "
+                         f"got {tuple(probs.shape)}")
+    lead = hidden.shape[:-1]
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    loss, argmax = _run(flat, weight, _SoftTargets(probs, flat.shape[0]), block_rows)
+    return loss, argmax.reshape(lead)
+
+
+def reference_linear_soft_cross_entropy(hidden: Tensor, weight: Tensor, probs: Tensor) -> Tensor:
+    """The unfused form of `linear_soft_cross_entropy`'s loss (the oracle)."""
+    logits = hidden @ weight.t()
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    return -(probs.to(logits.dtype) * logits.log_softmax(-1)).sum(-1).mean()

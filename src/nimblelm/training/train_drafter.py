@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NimbleError
+from ..ops.losses import linear_soft_cross_entropy
 from .data import TokenData
 from .loop import add_loop_arguments, config_from_args, train
 
@@ -52,6 +53,20 @@ def soft_cross_entropy(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tenso
 def agreement(logits: torch.Tensor, probs: torch.Tensor) -> float:
     """Fraction of rows whose argmax equals the target's argmax (greedy acceptance proxy)."""
     return float((logits.argmax(-1) == probs.argmax(-1)).float().mean())
+
+
+def head_distillation(target: nn.Module, hidden: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(soft cross-entropy of the target's head on ``hidden`` [B, n, D] against ``probs``
+    [B, n, V], the argmax agreement). Without a logit soft-cap the head runs a block of rows
+    at a time (:func:`~nimblelm.ops.losses.linear_soft_cross_entropy`: no [B, n, V] logits);
+    with one, through `target_logits`."""
+    if target.config.logit_softcap is None:
+        ce, argmax = linear_soft_cross_entropy(hidden, target.head_weight.detach(), probs)
+        return ce, float((argmax == probs.argmax(-1)).float().mean())
+    from ..generation.speculative.drafters.heads import target_logits
+
+    logits = target_logits(target, hidden)
+    return soft_cross_entropy(logits, probs), agreement(logits, probs)
 
 
 class DrafterObjective(nn.Module):
@@ -77,19 +92,17 @@ class DrafterObjective(nn.Module):
         return getattr(self, f"_{self.kind}_loss")(batch, feats, probs)
 
     def _medusa_loss(self, batch, feats, probs):
-        from ..generation.speculative.drafters.heads import target_logits
-
         length, losses, metrics = batch.shape[1], [], {}
         for i, head in enumerate(self.drafter.heads):
             if length - 1 - i <= 0:
                 break
-            logits = target_logits(self.target, head(feats[:, :length - 1 - i]))  # token t+2+i
-            losses.append(soft_cross_entropy(logits, probs[:, 1 + i:]))
-            metrics[f"acc{i}"] = agreement(logits, probs[:, 1 + i:])
+            ce, metrics[f"acc{i}"] = head_distillation(self.target, head(feats[:, :length - 1 - i]),
+                                                       probs[:, 1 + i:])  # token t+2+i
+            losses.append(ce)
         return torch.stack(losses).mean(), metrics
 
     def _hydra_loss(self, batch, feats, probs):
-        from ..generation.speculative.drafters.heads import target_embed, target_logits
+        from ..generation.speculative.drafters.heads import target_embed
 
         with torch.no_grad():
             embeds = target_embed(self.target, batch)  # [B, L+1, D]
@@ -99,13 +112,13 @@ class DrafterObjective(nn.Module):
             if n <= 0:
                 break
             prev = torch.stack([embeds[:, 1 + j:1 + j + n] for j in range(i + 1)], dim=2)  # [B, n, i+1, D]
-            logits = target_logits(self.target, self.drafter.head(i, feats[:, :n], prev))
-            losses.append(soft_cross_entropy(logits, probs[:, 1 + i:]))
-            metrics[f"acc{i}"] = agreement(logits, probs[:, 1 + i:])
+            ce, metrics[f"acc{i}"] = head_distillation(self.target, self.drafter.head(i, feats[:, :n], prev),
+                                                       probs[:, 1 + i:])
+            losses.append(ce)
         return torch.stack(losses).mean(), metrics
 
     def _eagle_loss(self, batch, feats, probs):
-        from ..generation.speculative.drafters.heads import target_embed, target_logits
+        from ..generation.speculative.drafters.heads import target_embed
 
         with torch.no_grad():
             embeds = target_embed(self.target, batch[:, 1:])  # e(x_{j+1}), j = 0 .. L-1
@@ -115,10 +128,9 @@ class DrafterObjective(nn.Module):
                 inputs = inputs + (torch.rand_like(inputs) * 2 - 1) * scale
         pred = self.drafter(embeds, inputs)  # f^_{j+1}
         feature_loss = F.smooth_l1_loss(pred.float(), feats[:, 1:].float())
-        logits = target_logits(self.target, pred)
-        ce = soft_cross_entropy(logits, probs[:, 1:])
+        ce, acc0 = head_distillation(self.target, pred, probs[:, 1:])
         return feature_loss + EAGLE_CE_WEIGHT * ce, {"feature_loss": float(feature_loss.detach()), "ce": float(ce.detach()),
-                                                     "acc0": agreement(logits, probs[:, 1:])}
+                                                     "acc0": acc0}
 
     def _sps_loss(self, batch, feats, probs):
         logits = self.drafter(batch).logits.float()
