@@ -1,4 +1,4 @@
-"""Cross-entropy of a linear head without the [M, V] logits: ``linear_cross_entropy``.
+"""Cross-entropy of a linear head without the [M, V] logits.
 
 ``linear_cross_entropy(hidden, weight, targets)`` equals
 ``F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100)`` (mean over the rows whose
@@ -6,20 +6,22 @@ target is not ignored), but works through the rows a block at a time: each block
 [R, V] are computed into one reused buffer, turned into the loss and (when autograd needs it)
 at once into the gradient ``softmax - onehot``, which is multiplied back into the gradients of
 hidden and weight before the next block. The logits of all rows never exist together.
+``linear_soft_cross_entropy(hidden, weight, probs)`` is the same against target distributions
+(distillation: the gradient is ``softmax - probs``), and also returns each row's argmax.
 
 Why: on CPU, ``F.cross_entropy`` over [1024, 8192] float32 logits (MQAR's labelled positions;
-32 MiB) streams the logits through memory five times (log-softmax, its backward, the
+32 MiB) streams the logits through memory several times (log-softmax, its backward, the
 matmul gradients), and glibc maps every block of 32 MiB or more fresh from the OS, so each such
 tensor is page-faulted in again. A block of R rows stays in cache.
 
 The gradients are computed in the forward pass (as Liger-Kernel's fused linear cross-entropy
-does) and scaled by the incoming gradient in the backward pass, so the head's matmuls run
-exactly as often as in the unfused form: one forward and two gradient products.
+does; only for the inputs that require them) and scaled by the incoming gradient in the
+backward pass, so the head's matmuls run as often as in the unfused form.
 
-Shapes: hidden [M, D], weight [V, D], targets [M] (int64). Returns a 0-d tensor (float64 for
-float64 inputs, else float32). Float32 and float64
-are computed in their own dtype; lower precisions compute the logits in their own dtype and the softmax in
-float32 (as ``F.cross_entropy(logits.float(), ...)``), float64 entirely in float64.
+Shapes: hidden [M, D], weight [V, D], targets [M] (int64). The loss is a 0-d tensor, float64
+for float64 inputs (computed entirely in float64), else float32: float32 inputs compute in
+float32, lower precisions compute the logits in their own dtype and the softmax in float32
+(as ``F.cross_entropy(logits.float(), ...)``).
 """
 
 from __future__ import annotations
