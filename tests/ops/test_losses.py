@@ -50,6 +50,8 @@ def test_without_autograd_and_with_only_one_input_requiring_grad():
     ref = reference_linear_cross_entropy(hidden, weight, targets)
     with torch.no_grad():
         assert abs(float(linear_cross_entropy(hidden, weight, targets, block_rows=6)) - float(ref)) < 1e-6
+        loss, argmax = linear_cross_entropy(hidden, weight, targets, block_rows=6, return_argmax=True)
+        assert abs(float(loss) - float(ref)) < 1e-6 and torch.equal(argmax, (hidden @ weight.t()).argmax(-1))
     frozen = weight.detach()
     loss = linear_cross_entropy(hidden, frozen, targets, block_rows=6)
     loss.backward()

@@ -325,10 +325,9 @@ def _budgeted(label: str, fn: Callable, warmup: Callable, length: int, per_token
             single = time_call(fn, opts["repeats"], warmup=warmup, budget=budget)
         finally:
             torch.set_num_threads(threads)
-        timed["median_s_at_threads"], timed["median_s_1_thread"] = timed["median_s"], single["median_s"]
+        timed.update(median_s_at_threads=timed["median_s"], median_s_1_thread=single["median_s"], threads_used=threads)
         if single["median_s"] < timed["median_s"]:
-            timed.update(median_s=single["median_s"], min_s=single["min_s"], seconds=single["seconds"])
-        timed["threads_used"] = threads if timed["median_s"] == timed["median_s_at_threads"] else 1
+            timed.update(median_s=single["median_s"], min_s=single["min_s"], seconds=single["seconds"], threads_used=1)
     return timed, timed["median_s"] / length
 
 

@@ -211,14 +211,12 @@ def run_mqar(args: argparse.Namespace) -> dict:
 @dataclass
 class Job:
     """One setting of the sweep with the learning rates still to run, tried in order; once one
-    reaches the target accuracy (or one already had, in ``solved``) the rest are skipped
-    unless ``all_lrs``."""
+    reaches the target accuracy the rest are skipped unless ``all_lrs``. (A setting solved by
+    an earlier run gets no job unless ``all_lrs``.) The mixer options are ``opts.extra``."""
 
     setting: MQARSetting
     lrs: list[float]
     opts: TrainOptions
-    mixer_options: dict
-    solved: bool
     all_lrs: bool
 
 
@@ -231,18 +229,18 @@ def _jobs(o: dict, opts: TrainOptions, runs: list[dict], all_lrs: bool) -> list[
             for m in o["mixers"]:
                 setting = MQARSetting(m, d, length, kv)
                 this = {**vars(setting), "mixer_options": o["mixer_options"]}
-                mine = [r for r in runs if _key(r)[:4] == _key({**this, "lr": 0.0})[:4]]
-                solved = any(r["accuracy"] >= opts.target_accuracy for r in mine)
+                setting_key = _key({**this, "lr": 0.0})[:4]
+                solved = any(r["accuracy"] >= opts.target_accuracy for r in runs if _key(r)[:4] == setting_key)
                 lrs = [float(lr) for lr in o["lrs"] if _key({**this, "lr": float(lr)}) not in done]
                 if lrs and not (solved and not all_lrs):
-                    jobs.append(Job(setting, lrs, opts, dict(o["mixer_options"]), solved, all_lrs))
+                    jobs.append(Job(setting, lrs, opts, all_lrs))
     return jobs
 
 
 def run_job(job: Job, data: tuple, progress=None, on_record=None) -> list[dict]:
     """Train ``job``'s learning rates in order (see `Job`); returns the new records, passing
     each to ``on_record`` as soon as it exists."""
-    records, solved = [], job.solved
+    records, solved = [], False
     for lr in job.lrs:
         if solved and not job.all_lrs:
             if progress is not None:
@@ -250,8 +248,8 @@ def run_job(job: Job, data: tuple, progress=None, on_record=None) -> list[dict]:
             continue
         rec = train_one(job.setting, lr, job.opts, data, progress=progress)
         rec["decode_tokens_per_s"] = round(decode_throughput(job.setting, job.opts), 1)
-        if job.mixer_options:
-            rec["mixer_options"] = dict(job.mixer_options)
+        if job.opts.extra:
+            rec["mixer_options"] = dict(job.opts.extra)
         solved = solved or rec["accuracy"] >= job.opts.target_accuracy
         records.append(rec)
         if on_record is not None:

@@ -18,11 +18,10 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ..models.config import ModelConfig
 from ..models.lm import LanguageModel
-from ..ops.losses import BLOCK_ELEMENTS, linear_cross_entropy
+from ..ops.losses import linear_cross_entropy
 from .mqar_data import IGNORE, MQARBatch, multiquery_ar
 from .probe_train import Deadline, HorizonFit, make_optimizer
 
@@ -91,15 +90,13 @@ def evaluate(model: LanguageModel, data: MQARBatch, batch_size: int = 64) -> tup
     """(accuracy, mean cross-entropy) over every labelled position of ``data``."""
     model.eval()
     correct, total, loss_sum = 0, 0, 0.0
-    head_t = model.head_weight.t()  # [D, V]
-    rows = max(1, BLOCK_ELEMENTS // head_t.shape[1])  # logits a cache-sized block of rows at a time
     for start in range(0, data.inputs.shape[0], batch_size):
         hidden, targets = labelled_hidden(model, data.inputs[start:start + batch_size],
                                           data.labels[start:start + batch_size])
-        for r in range(0, hidden.shape[0], rows):
-            logits, t = hidden[r:r + rows] @ head_t, targets[r:r + rows]
-            correct += int((logits.argmax(-1) == t).sum())
-            loss_sum += float(F.cross_entropy(logits, t, reduction="sum"))
+        # the head a cache-sized block of rows at a time (no [M, V] logits)
+        loss, argmax = linear_cross_entropy(hidden, model.head_weight, targets, return_argmax=True)
+        correct += int((argmax == targets).sum())
+        loss_sum += float(loss) * targets.numel()
         total += targets.numel()
     model.train()
     return correct / total, loss_sum / total

@@ -338,7 +338,7 @@ class _References(NamedTuple):
     wide: Tensor  # [...] bool: chunks whose span exceeds SAFE_SPAN (scores sub-chunked)
 
 
-def decayed_causal_scores(q: Tensor, k: Tensor, b: Tensor, sub: int = 8) -> Tensor:
+def decayed_causal_scores(q: Tensor, k: Tensor, b: Tensor, sub: int = SUB_CHUNK) -> Tensor:
     """A[t, s] = sum_d q_t k_s exp(b_t - b_s) for s <= t, 0 above; q, k [..., C, Dk], b
     [..., C, Dk] (per-key-dim) or [..., C, 1] (scalar) cumulative log-decay, non-increasing
     along C. Returns [..., C, C]. One dense matmul per chunk when the chunk's decay span is

@@ -30,20 +30,28 @@ import torch
 from torch import Tensor
 
 __all__ = ["linear_cross_entropy", "reference_linear_cross_entropy", "linear_soft_cross_entropy",
-           "reference_linear_soft_cross_entropy", "IGNORE_INDEX", "BLOCK_ELEMENTS"]
+           "reference_linear_soft_cross_entropy", "at_least_float32", "IGNORE_INDEX", "BLOCK_ELEMENTS"]
 
 IGNORE_INDEX = -100
 BLOCK_ELEMENTS = 1 << 21  # logits per block (8 MiB in float32): R = BLOCK_ELEMENTS // V rows
+
+
+def at_least_float32(logits: Tensor) -> Tensor:
+    """``logits`` in float32 unless they are float32 or float64 already (where softmaxes run)."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
+def _compute_dtype(hidden: Tensor) -> torch.dtype:
+    """The dtype of the fused forms' softmax, gradients and loss: float64 for float64 inputs."""
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
 
 def reference_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
                                    ignore_index: int = IGNORE_INDEX) -> Tensor:
     """The unfused form, the oracle: ``F.cross_entropy(hidden @ weight.T, targets)``, the logits
     in float32 unless they are float32 or float64 already."""
-    logits = hidden @ weight.t()
-    if logits.dtype not in (torch.float32, torch.float64):
-        logits = logits.float()
-    return torch.nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index)
+    return torch.nn.functional.cross_entropy(at_least_float32(hidden @ weight.t()), targets,
+                                             ignore_index=ignore_index)
 
 
 def _check(hidden: Tensor, weight: Tensor, targets: Tensor) -> None:
@@ -121,7 +129,7 @@ def _blocks(hidden: Tensor, weight: Tensor, targets, want_h: bool, want_w: bool,
     gradient w.r.t. z mass * softmax(z) - onehot (or - p)."""
     M, V = hidden.shape[0], weight.shape[0]
     weight_t = weight.t()  # [D, V]
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # softmax / gradient dtype
+    acc = _compute_dtype(hidden)
     total = torch.zeros((), dtype=torch.float64)
     grad_h = torch.empty_like(hidden) if want_h else None
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
@@ -137,7 +145,7 @@ def _blocks(hidden: Tensor, weight: Tensor, targets, want_h: bool, want_w: bool,
         p = z.sub_(top[:, None]).exp_()  # [R, V] unnormalised probabilities (in place)
         s = p.sum(1)  # [R]
         lse = top + s.log()
-        total += (((lse if mass is None else lse * mass) - picked) * (row_w / targets.inv)).sum(dtype=torch.float64)
+        total += (((lse if mass is None else lse * mass) - picked) * row_w).sum(dtype=torch.float64)
         if want_h or want_w:
             p.mul_((row_w / s if mass is None else row_w * mass / s)[:, None])  # softmax, weighted
             targets.subtract(sl, p, row_w)  # d loss / d logits
@@ -145,7 +153,7 @@ def _blocks(hidden: Tensor, weight: Tensor, targets, want_h: bool, want_w: bool,
                 torch.mm(p if p.dtype == hidden.dtype else p.to(hidden.dtype), weight, out=grad_h[sl])  # [R, D]
             if want_w:
                 grad_w.addmm_(p.t(), h.to(acc))  # [V, D]
-    loss = (total * targets.inv).to(acc)
+    loss = total.to(acc)
     return loss, grad_h, (None if grad_w is None else grad_w.to(weight.dtype)), argmax
 
 
@@ -170,8 +178,7 @@ def _run(hidden: Tensor, weight: Tensor, targets, block_rows: int | None) -> tup
     """(loss, argmax) of the fused form, through autograd when an input needs it."""
     rows = block_rows or max(1, BLOCK_ELEMENTS // max(1, weight.shape[0]))
     if hidden.shape[0] == 0:  # no rows: 0, still connected to both inputs for autograd
-        zero = (hidden.sum() * 0 + weight.sum() * 0).to(torch.float64 if hidden.dtype == torch.float64
-                                                        else torch.float32)
+        zero = (hidden.sum() * 0 + weight.sum() * 0).to(_compute_dtype(hidden))
         return zero, torch.zeros(0, dtype=torch.int64)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden.contiguous(), weight, targets, rows)
@@ -180,12 +187,14 @@ def _run(hidden: Tensor, weight: Tensor, targets, block_rows: int | None) -> tup
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX,
-                         block_rows: int | None = None) -> Tensor:
+                         block_rows: int | None = None, return_argmax: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Mean cross-entropy of the logits ``hidden @ weight.T`` against ``targets``, rows with
     ``targets == ignore_index`` left out (0 when every row is); see the module doc.
-    block_rows: rows per block (default: about 8 MiB of float32 logits per block)."""
+    block_rows: rows per block (default: about 8 MiB of float32 logits per block).
+    return_argmax: also return each row's argmax of the logits [M] (no gradient), e.g. for accuracy."""
     _check(hidden, weight, targets)
-    return _run(hidden, weight, _HardTargets(targets, ignore_index, weight.shape[0]), block_rows)[0]
+    loss, argmax = _run(hidden, weight, _HardTargets(targets, ignore_index, weight.shape[0]), block_rows)
+    return (loss, argmax) if return_argmax else loss
 
 
 def linear_soft_cross_entropy(hidden: Tensor, weight: Tensor, probs: Tensor,
@@ -209,7 +218,5 @@ def linear_soft_cross_entropy(hidden: Tensor, weight: Tensor, probs: Tensor,
 
 def reference_linear_soft_cross_entropy(hidden: Tensor, weight: Tensor, probs: Tensor) -> Tensor:
     """The unfused form of `linear_soft_cross_entropy`'s loss (the oracle)."""
-    logits = hidden @ weight.t()
-    if logits.dtype not in (torch.float32, torch.float64):
-        logits = logits.float()
+    logits = at_least_float32(hidden @ weight.t())
     return -(probs.to(logits.dtype) * logits.log_softmax(-1)).sum(-1).mean()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..errors import NimbleError
 from ..models import LanguageModel, ModelConfig
 from ..models.lm import ModelOutput
-from ..ops.losses import linear_cross_entropy
+from ..ops.losses import at_least_float32, linear_cross_entropy
 from .data import TokenData
 from .loop import TrainConfig, add_loop_arguments, config_from_args, evaluate, train
 
@@ -41,10 +41,7 @@ def next_token_ce(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Te
         out = model(batch[:, :-1], logits_to_keep=1)  # the head runs on one position only
         return linear_cross_entropy(out.hidden.flatten(0, 1), core.head_weight, targets), out
     out = model(batch[:, :-1])
-    logits = out.logits.flatten(0, 1)
-    if logits.dtype not in (torch.float32, torch.float64):
-        logits = logits.float()  # the softmax in float32 at least
-    return F.cross_entropy(logits, targets), out
+    return F.cross_entropy(at_least_float32(out.logits.flatten(0, 1)), targets), out
 
 
 def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
