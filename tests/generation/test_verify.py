@@ -23,7 +23,8 @@ from nimblelm.errors import GenerationError
 from nimblelm.generation.sampling import SamplingConfig, probabilities
 from nimblelm.generation.speculative.tree import DraftTree
 from nimblelm.generation.speculative.verify import (TorchRandomness, VerifyResult, exact_outcomes, truncate_at_stop,
-                                                    verify, verify_chain, verify_greedy, verify_tree_deterministic,
+                                                    verify, verify_chain, verify_greedy, verify_greedy_on_demand,
+                                                    verify_tree_deterministic,
                                                     verify_tree_sampled)
 
 
@@ -365,6 +366,37 @@ def test_greedy_equals_argmax_decoding(seed):
         outcomes = exact_outcomes(lambda rng: verifier(tree, probs, rng))
         assert [(p, r.tokens) for p, r in outcomes] == [(1.0, result.tokens)]
     assert verify(tree, probs, greedy=True) == result
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_on_demand_equals_greedy_and_scores_each_node_once(seed):
+    gen = torch.Generator().manual_seed(seed)
+    vocab, n = 3, 24  # a small vocabulary: long accepted paths, often off the first children
+    parents = [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, n)]
+    tree = DraftTree(torch.randint(0, vocab, (n,), generator=gen), parents)
+    logits = torch.randn(n, vocab, generator=gen, dtype=torch.float64)
+    calls = []
+
+    def argmax_of(nodes):
+        calls.append(list(nodes))
+        return logits[nodes].argmax(-1).tolist()
+
+    result = verify_greedy_on_demand(tree, argmax_of, vocab)
+    assert result == verify_greedy(tree, logits)
+    scored = [node for call in calls for node in call]
+    assert len(scored) == len(set(scored)) and set(result.path) <= set(scored)
+    for call in calls:  # each call: a node and its first-child descendants
+        assert all(tree.children[a][0] == b for a, b in zip(call, call[1:])) and not tree.children[call[-1]]
+
+
+def test_greedy_on_demand_one_call_on_the_first_children():
+    tree = DraftTree([5, 1, 2, 3, 4], [-1, 0, 0, 1, 1])  # root -> (1 -> (3, 4), 2)
+    best = {0: 1, 1: 3, 3: 0}  # the walk: 0 -> 1 -> 3, then 0 at the leaf
+    calls = []
+    result = verify_greedy_on_demand(tree, lambda nodes: calls.append(nodes) or [best.get(i, 0) for i in nodes], 8)
+    assert result.path == [0, 1, 3] and result.next_token == 0 and calls == [[0, 1, 3]]
+    with pytest.raises(GenerationError, match="out of range"):
+        verify_greedy_on_demand(tree, lambda nodes: [0] * len(nodes), 4)
 
 
 def _matching_prefix(tree, path, probs):

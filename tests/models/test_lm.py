@@ -133,6 +133,19 @@ def test_logits_to_keep_and_hidden():
     torch.testing.assert_close(full.logits, full.hidden @ model.embed.weight.t())
 
 
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_logits_on_demand_equal_forward_logits(softcap):
+    model = build("attention-tiny", logit_softcap=softcap).eval()
+    tokens = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        full = model(tokens)
+        bare = model(tokens, compute_logits=False)
+        assert bare.logits is None
+        torch.testing.assert_close(bare.hidden, full.hidden, rtol=0, atol=0)
+        torch.testing.assert_close(model.head_logits(bare.hidden[1, [7, 2]]), full.logits[1, [7, 2]])
+    assert model.computes_logits_on_demand
+
+
 def test_mixer_pattern_makes_hybrids():
     cfg = nl.ModelConfig(num_layers=4, mixer_pattern=["attention", "local_attention"], sliding_window=4,
                          ffn_pattern=["mlp", "swiglu", "moe", "none"])

@@ -23,7 +23,7 @@ from .config import ModelConfig
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, T_kept, V]
+    logits: torch.Tensor | None  # [B, T_kept, V]; None when forward(compute_logits=False)
     hidden: torch.Tensor  # [B, T, hidden] final-norm hidden states (what drafter heads read)
     aux_loss: torch.Tensor | None = None  # sum of MoE load-balancing losses, None without MoE
 
@@ -57,6 +57,10 @@ def apply_logit_softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor
 
 class LanguageModel(nn.Module):
     """Causal LM. ``model(tokens)`` -> :class:`ModelOutput`; see :meth:`forward`."""
+
+    # forward(compute_logits=False) returns hidden states only, and head_logits(hidden) gives
+    # the logits of any rows later: the speculative engine scores only the tree nodes it visits
+    computes_logits_on_demand = True
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -100,7 +104,7 @@ class LanguageModel(nn.Module):
     # -- forward -----------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: Cache | None = None,
                 tree: TreeSpec | None = None, token_mask: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> ModelOutput:
+                logits_to_keep: int = 0, compute_logits: bool = True) -> ModelOutput:
         """tokens [B, n] -> ModelOutput.
 
         positions: [B, n] logical positions (default: cache.length + arange(n), or arange(n)).
@@ -109,6 +113,7 @@ class LanguageModel(nn.Module):
         tree: the new tokens form a draft tree (attention sees ancestors only).
         token_mask: [B, n] bool, False at left-padding tokens.
         logits_to_keep: compute logits only for the last k positions (0 = all).
+        compute_logits: False skips the LM head (``logits`` is None); see :meth:`head_logits`.
         """
         info = self._forward_info(tokens, positions, cache, tree, token_mask)
         x = self.embed(tokens)
@@ -125,9 +130,15 @@ class LanguageModel(nn.Module):
         if cache is not None and tree is None:
             cache.commit()
         hidden = self.norm(x)
-        kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
-        logits = apply_logit_softcap(self._head_logits(kept), self.config.logit_softcap)
+        logits = None
+        if compute_logits:
+            logits = self.head_logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return ModelOutput(logits=logits, hidden=hidden, aux_loss=aux_total)
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states [..., D] (``ModelOutput.hidden``) -> logits [..., V], the
+        same as forward's (LM head, then the logit soft-cap)."""
+        return apply_logit_softcap(self._head_logits(hidden), self.config.logit_softcap)
 
     def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, T, D] -> logits [B, T, V]. Without autograd, multiplies by a cached

@@ -20,7 +20,7 @@ from ...errors import GenerationError
 from ..generate import GenerationRequest, GenerationStats, StreamEvent
 from ..sampling import probabilities
 from ..watermark.speculative import speculative_watermark
-from .verify import truncate_at_stop, verify, verify_greedy
+from .verify import truncate_at_stop, verify, verify_greedy, verify_greedy_on_demand
 
 
 def check_target_supports_trees(target, strategy: str) -> None:
@@ -70,17 +70,9 @@ def speculative_rounds(request: GenerationRequest, drafter, strategy: str) -> It
         proposing = time.perf_counter()
         tree = drafter.propose(context)
         stats.draft_s += time.perf_counter() - proposing
-        spec = tree.to_spec()
-        out = target(tree.tokens[None], tree.positions(cache.length)[None], cache=cache, tree=spec)
+        out, result = verify_round(target, tree, cache, request, watermark)
         stats.target_calls += 1
         stats.rounds += 1
-        if watermark is None and request.sampling.greedy:
-            # greedy needs only the argmax: skip building the one-hot [n, V] distribution
-            result = verify_greedy(tree, out.logits[0])
-        else:
-            target_probs = probabilities(out.logits[0], request.sampling)
-            verifier = verify if watermark is None else watermark.verify
-            result = verifier(tree, target_probs, request.generator)
         emission = truncate_at_stop(result, tree, request.stop_tokens, request.max_new_tokens - emitted)
         cache.commit(emission.commit)
         if observe is not None:
@@ -96,3 +88,22 @@ def speculative_rounds(request: GenerationRequest, drafter, strategy: str) -> It
         yield StreamEvent(tokens=[emission.tokens], from_draft=[emission.from_draft], stats=stats)
         if emission.stopped:
             return
+
+
+def verify_round(target, tree, cache, request: GenerationRequest, watermark):
+    """One target call on the draft tree (left pending in ``cache``) and its verification ->
+    (the target's output, VerifyResult)."""
+    positions = tree.positions(cache.length)[None]
+    if watermark is None and request.sampling.greedy:
+        if getattr(target, "computes_logits_on_demand", False):  # the LM head runs only where the walk goes
+            out = target(tree.tokens[None], positions, cache=cache, tree=tree.to_spec(), compute_logits=False)
+            hidden = out.hidden[0]
+            return out, verify_greedy_on_demand(
+                tree, lambda nodes: target.head_logits(hidden[nodes]).argmax(-1).tolist(), target.config.vocab_size)
+        out = target(tree.tokens[None], positions, cache=cache, tree=tree.to_spec())
+        # greedy needs only the argmax: skip building the one-hot [n, V] distribution
+        return out, verify_greedy(tree, out.logits[0])
+    out = target(tree.tokens[None], positions, cache=cache, tree=tree.to_spec())
+    target_probs = probabilities(out.logits[0], request.sampling)
+    verifier = verify if watermark is None else watermark.verify
+    return out, verifier(tree, target_probs, request.generator)

@@ -112,6 +112,32 @@ def verify_greedy(tree: DraftTree, target_probs: torch.Tensor, generator=None) -
         path.append(node)
 
 
+def verify_greedy_on_demand(tree: DraftTree, argmax_of: Callable[[list[int]], list[int]],
+                            vocab_size: int) -> VerifyResult:
+    """:func:`verify_greedy` asking for the target's argmax only at the nodes the walk needs.
+
+    ``argmax_of(nodes)`` -> the target's argmax token after each node. The rows are asked for
+    a chain at a time: a node and its first-child descendants (the drafter's most likely
+    continuation), so a walk that stays on first children costs one call, and a tree of n
+    nodes rarely has all n rows scored (the LM head's [n, D] x [D, V] is the largest matmul of
+    a verification for small models)."""
+    if tree.token_list and max(tree.token_list) >= vocab_size:
+        raise GenerationError(f"draft token {max(tree.token_list)} is out of range for a vocabulary of {vocab_size}")
+    tokens, children, best = tree.token_list, tree.children, {}
+    node, path = 0, [0]
+    while True:
+        if node not in best:
+            chain = [node]
+            while children[chain[-1]]:
+                chain.append(children[chain[-1]][0])
+            best.update(zip(chain, argmax_of(chain)))
+        match = next((c for c in children[node] if tokens[c] == best[node]), None)
+        if match is None:
+            return _result(tree, path, best[node])
+        node = match
+        path.append(node)
+
+
 def verify_chain(tree: DraftTree, target_probs: torch.Tensor, generator=None) -> VerifyResult:
     """Speculative sampling on a draft chain: accept x with min(1, p(x)/q(x)); on rejection draw
     from norm(max(0, p - q)); after full acceptance draw the bonus from p at the last node.
