@@ -202,13 +202,13 @@ def test_chunk_local_keeps_float32_decays_normal(mode):
     """In float32 the reference products q_ref e^r would be subnormal (slow) for a chunk
     starting at log-decay -100: that chunk's decayed q and k are the exponentials' (floored
     at 1e-19, never subnormal)."""
-    q, k, v = (torch.randn(1, 64, 2, 8) for _ in range(3))
+    q, k = (torch.randn(1, 64, 2, 8) for _ in range(2))
     gate = deep_start_gate(mode, q.shape, 64, start=16).float()
     gate[:, 16] = -100.0
     a_log = gate[..., None] if mode == "scalar" else gate
-    qc, kc, vc = (gla._to_chunks(x, 4, 16) for x in (q, k, v))
+    qc, kc = (gla._to_chunks(x, 4, 16) for x in (q, k))
     b = gla._to_chunks(a_log, 4, 16).cumsum(-2)
-    _, q_in, _ = gla._chunk_local(qc, kc, vc, b, 4)
+    _, q_in, _ = gla._chunk_local(qc, kc, b, 4)
     tiny = torch.finfo(torch.float32).tiny
     assert not ((q_in != 0) & (q_in.abs() < tiny)).any()
     assert torch.allclose(q_in, qc * gla.exp_decay(b), rtol=1e-5, atol=0)

@@ -222,13 +222,9 @@ def chunk_form(q: Tensor, k: Tensor, v: Tensor, a_log: Tensor | None, initial_st
     if intra is not None and a_log is not None:
         raise ValueError("intra scores replace q k^T only without decay")
     S, z = _split_state(initial_state, q, v, normalize)
-    if normalize:  # z rides along as one more value column: v -> [v, 1], S -> [S, z]
-        v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # [B,T,H,Dv+1]
-        S = torch.cat([S, z[..., None]], dim=-1)  # [B,H,Dk,Dv+1]
-    o, S = _chunk_core(q, k, v, a_log, S, chunk_size, sub, intra)
+    o, S, den, z = _chunk_core(q, k, v, a_log, S, chunk_size, sub, intra, z if normalize else None)
     if normalize:
-        o = o[..., :-1] / (o[..., -1:] + eps)
-        S, z = S[..., :-1], S[..., -1]
+        o = o / (den + eps)
     return o, (_pack(S, z) if output_final_state else None)
 
 
@@ -241,34 +237,48 @@ def _to_chunks(x: Tensor, N: int, C: int) -> Tensor:
 
 
 def _chunk_core(q: Tensor, k: Tensor, v: Tensor, a_log: Tensor | None, S0: Tensor,
-                chunk_size: int, sub: int, intra: IntraScores | None = None) -> tuple[Tensor, Tensor]:
+                chunk_size: int, sub: int, intra: IntraScores | None = None,
+                z0: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """q (scaled), k [B,T,H,Dk]; v [B,T,H,Dv]; a_log [B,T,H,1|Dk] or None; S0 [B,H,Dk,Dv];
-    intra as in `chunk_form`. Returns (o [B,T,H,Dv], final S [B,H,Dk,Dv]). Zero padding is
-    inert (k = 0, a = 1; padded rows of the scores only reach padded outputs)."""
+    intra as in `chunk_form`; z0 [B,H,Dk]: also carry the normaliser, the state of a value
+    column of ones, apart from v (a 65th column would slow every matmul by up to 40% on
+    this CPU; its own products are row sums and matrix-vector products).
+    Returns (o [B,T,H,Dv], final S [B,H,Dk,Dv], normaliser [B,T,H,1] and final z [B,H,Dk]
+    or None, None). Zero padding is inert (k = 0, a = 1; padded rows of the scores only
+    reach padded outputs)."""
     B, T, H, Dk = q.shape
     C = min(chunk_size, max(sub, math.ceil(T / sub) * sub))  # short inputs: smaller chunk
     N = math.ceil(T / C)
     qc, kc, vc = (_to_chunks(x, N, C) for x in (q, k, v))  # [B,H,N,C,D]
     b = None if a_log is None else _to_chunks(a_log, N, C).cumsum(-2)  # [B,H,N,C,1|Dk]
-    o, q_in, U = _chunk_local(qc, kc, vc, b, sub, None if intra is None else intra(N, C))
-    # o [B,H,N,C,Dv] intra-chunk part, q_in [B,H,N,C,Dk], U [B,H,N,Dk,Dv]
+    scores, q_in, k_out = _chunk_local(qc, kc, b, sub, None if intra is None else intra(N, C))
+    # scores [B,H,N,C,C] causal, q_in [B,H,N,C,Dk] decayed from the chunk start, k_out
+    # [B,H,N,C,Dk] decayed to the chunk end
     decay = None if b is None else exp_decay(b[..., -1, :])  # [B,H,N,1|Dk] over a whole chunk
-    S_prev, S = _carry_states(S0, U, decay)  # [B,H,N,Dk,Dv] state entering each chunk
-    o = o.flatten(0, 2).baddbmm_(q_in.flatten(0, 2), S_prev.flatten(0, 2)).view(o.shape)  # += q_in S_prev
-    o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, -1)[:, :T]  # [B,T,H,Dv]
-    return o, S
+
+    def outputs(values: Tensor | None, U: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """values [B,H,N,C,Dv] (None: ones, Dv = 1), U = k_out^T values -> (o [B,T,H,Dv], final)."""
+        o = scores.sum(-1, keepdim=True) if values is None else scores @ values  # [B,H,N,C,Dv]
+        S_prev, final = _carry_states(state, U, decay)  # [B,H,N,Dk,Dv] state entering each chunk
+        o = o.flatten(0, 2).baddbmm_(q_in.flatten(0, 2), S_prev.flatten(0, 2)).view(o.shape)  # += q_in S_prev
+        return o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, -1)[:, :T], final
+
+    o, S = outputs(vc, k_out.transpose(-1, -2) @ vc, S0)
+    if z0 is None:
+        return o, S, None, None
+    den, z = outputs(None, k_out.sum(-2)[..., None], z0[..., None])
+    return o, S, den, z[..., 0]
 
 
-def _chunk_local(q: Tensor, k: Tensor, v: Tensor, b: Tensor | None, sub: int,
+def _chunk_local(q: Tensor, k: Tensor, b: Tensor | None, sub: int,
                  scores: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Everything inside chunks: q, k [B,H,N,C,Dk]; v [B,H,N,C,Dv]; b [B,H,N,C,1|Dk] or None;
+    """Everything inside chunks: q, k [B,H,N,C,Dk]; b [B,H,N,C,1|Dk] or None;
     scores: the causal q k^T [B,H,N,C,C] when the caller has them (no decay only).
-    Returns (intra-chunk output [B,H,N,C,Dv], q decayed from the chunk start [B,H,N,C,Dk],
-    each chunk's own state contribution U = sum_s (k_s decayed to the chunk end)^T v_s
-    [B,H,N,Dk,Dv])."""
+    Returns (the causal decayed scores [B,H,N,C,C], q decayed from the chunk start
+    [B,H,N,C,Dk], k decayed to the chunk end [B,H,N,C,Dk]: a chunk's own state contribution
+    is U = k_out^T v)."""
     if b is None:
-        scores = _intra_scores(q, k, b, sub) if scores is None else scores  # [B,H,N,C,C]
-        return scores @ v, q, k.transpose(-1, -2) @ v
+        return (_intra_scores(q, k, b, sub) if scores is None else scores), q, k
     ref = _scored_references(q, k, b, sub)
     # q e^b = q_ref e^r and k e^(last - b) = k_ref e^(last - r): one product each, exact where
     # the reference form is (chunks not wide, r >= -40, so no factor or product leaves
@@ -281,7 +291,7 @@ def _chunk_local(q: Tensor, k: Tensor, v: Tensor, b: Tensor | None, sub: int,
         b_x = b[exact]
         q_in = q_in.index_put((exact,), q[exact] * exp_decay(b_x))
         k_out = k_out.index_put((exact,), k[exact] * exp_decay(last[exact] - b_x))
-    return ref.scores @ v, q_in, k_out.transpose(-1, -2) @ v
+    return ref.scores, q_in, k_out
 
 
 def _carry_states(S0: Tensor, U: Tensor, decay: Tensor | None) -> tuple[Tensor, Tensor]:
