@@ -222,7 +222,7 @@ def chunk_form(q: Tensor, k: Tensor, v: Tensor, a_log: Tensor | None, initial_st
     if intra is not None and a_log is not None:
         raise ValueError("intra scores replace q k^T only without decay")
     S, z = _split_state(initial_state, q, v, normalize)
-    o, S, den, z = _chunk_core(q, k, v, a_log, S, chunk_size, sub, intra, z if normalize else None)
+    o, S, den, z = _chunk_core(q, k, v, a_log, S, chunk_size, sub, intra, z)  # z: None unless normalize
     if normalize:
         o = o / (den + eps)
     return o, (_pack(S, z) if output_final_state else None)

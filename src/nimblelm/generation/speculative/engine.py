@@ -93,17 +93,17 @@ def speculative_rounds(request: GenerationRequest, drafter, strategy: str) -> It
 def verify_round(target, tree, cache, request: GenerationRequest, watermark):
     """One target call on the draft tree (left pending in ``cache``) and its verification ->
     (the target's output, VerifyResult)."""
-    positions = tree.positions(cache.length)[None]
+    tokens, positions, spec = tree.tokens[None], tree.positions(cache.length)[None], tree.to_spec()
     if watermark is None and request.sampling.greedy:
         if getattr(target, "computes_logits_on_demand", False):  # the LM head runs only where the walk goes
-            out = target(tree.tokens[None], positions, cache=cache, tree=tree.to_spec(), compute_logits=False)
+            out = target(tokens, positions, cache=cache, tree=spec, compute_logits=False)
             hidden = out.hidden[0]
             return out, verify_greedy_on_demand(
                 tree, lambda nodes: target.head_logits(hidden[nodes]).argmax(-1).tolist(), target.config.vocab_size)
-        out = target(tree.tokens[None], positions, cache=cache, tree=tree.to_spec())
+        out = target(tokens, positions, cache=cache, tree=spec)
         # greedy needs only the argmax: skip building the one-hot [n, V] distribution
         return out, verify_greedy(tree, out.logits[0])
-    out = target(tree.tokens[None], positions, cache=cache, tree=tree.to_spec())
+    out = target(tokens, positions, cache=cache, tree=spec)
     target_probs = probabilities(out.logits[0], request.sampling)
     verifier = verify if watermark is None else watermark.verify
     return out, verifier(tree, target_probs, request.generator)

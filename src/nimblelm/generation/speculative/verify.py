@@ -121,8 +121,7 @@ def verify_greedy_on_demand(tree: DraftTree, argmax_of: Callable[[list[int]], li
     continuation), so a walk that stays on first children costs one call, and a tree of n
     nodes rarely has all n rows scored (the LM head's [n, D] x [D, V] is the largest matmul of
     a verification for small models)."""
-    if tree.token_list and max(tree.token_list) >= vocab_size:
-        raise GenerationError(f"draft token {max(tree.token_list)} is out of range for a vocabulary of {vocab_size}")
+    _check_vocabulary(tree, vocab_size)
     tokens, children, best = tree.token_list, tree.children, {}
     node, path = 0, [0]
     while True:
@@ -255,12 +254,16 @@ def _check_probs(tree: DraftTree, target_probs: torch.Tensor) -> None:
     if not isinstance(target_probs, torch.Tensor) or target_probs.dim() != 2 or target_probs.shape[0] != n:
         shape = tuple(target_probs.shape) if isinstance(target_probs, torch.Tensor) else type(target_probs).__name__
         raise GenerationError(f"target_probs must have shape [n, V] = [{n}, V] (one row per tree node), got {shape}")
-    if tree.vocab_size is not None and tree.vocab_size != target_probs.shape[1]:
+    _check_vocabulary(tree, target_probs.shape[1])
+
+
+def _check_vocabulary(tree: DraftTree, vocab_size: int) -> None:
+    """The draft's distributions and tokens fit the target's vocabulary of ``vocab_size``."""
+    if tree.vocab_size is not None and tree.vocab_size != vocab_size:
         raise GenerationError(f"draft distributions cover {tree.vocab_size} tokens but the target's cover "
-                              f"{target_probs.shape[1]}; drafter and target must share one vocabulary")
-    if max(tree.token_list) >= target_probs.shape[1]:
-        raise GenerationError(f"draft token {max(tree.token_list)} is out of range for a vocabulary of "
-                              f"{target_probs.shape[1]}")
+                              f"{vocab_size}; drafter and target must share one vocabulary")
+    if max(tree.token_list) >= vocab_size:
+        raise GenerationError(f"draft token {max(tree.token_list)} is out of range for a vocabulary of {vocab_size}")
 
 
 def _result(tree: DraftTree, path: list[int], next_token: int) -> VerifyResult:
