@@ -31,4 +31,8 @@ def test_every_strategy_and_transformers_rows(model_dir, tmp_path, capsys):
         assert rows[(0.7, name)]["identical"] is None  # sampled rows are not compared token by token
     assert rows[(0.0, "autoregressive")]["tau"] == 1.0 and rows[(0.0, "autoregressive")]["speedup"] == 1.0
     assert all(0 <= p <= 1 for p in rows[(0.0, "eagle2")]["accept_by_depth"])
-    assert "eagle2" in capsys.readouterr().out
+    cost = results["verify_cost"][model_dir]
+    assert cost["sizes"][0] == 1 and cost["sizes"][-1] == 64 and len(cost["ms"]) == len(cost["sizes"])
+    assert all(ms > 0 for ms in cost["ms"])
+    out = capsys.readouterr().out
+    assert "eagle2" in out and "n-token tree" in out

@@ -13,7 +13,9 @@ new tokens per target call that emitted tokens (bonus included), speedup over ni
 autoregressive row (and transformers' rows over transformers' plain row), identical = greedy
 outputs equal to autoregressive on every prompt, plus the profile that explains a speedup:
 draft seconds per round, target (verify + bookkeeping) seconds per round, and the acceptance
-by depth, P(round accepts >= d draft tokens).
+by depth, P(round accepts >= d draft tokens). Per target also the verification cost per tree
+size: median ms of one target call on an n-token draft tree (n = 1 is the autoregressive
+step) after the first prompt, on a scratch cache.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", default=",".join(NL_STRATEGIES))
     p.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--verify-sizes", type=int, default=64, metavar="N",
+                   help="profile target calls on trees of 1..N tokens (default 64; 0 = skip)")
     p.add_argument("--json", metavar="FILE")
     return p
 
@@ -68,16 +72,18 @@ def run(args) -> dict[str, Any]:
         raise ValueError("no shipped models in this checkout; pass --model DIR")
     temperatures = [float(t) for t in args.temperatures.split(",")]
     strategies = [s for s in args.strategies.split(",") if s]
-    rows, skipped = [], []
+    rows, skipped, verify = [], [], {}
     for name in names:
-        model_rows, model_skipped = bench_model(name, strategies, temperatures, args)
+        model_rows, model_skipped, verify[name] = bench_model(name, strategies, temperatures, args)
         rows += model_rows
         skipped += model_skipped
-    return {"rows": rows, "skipped": skipped, "new_tokens": args.new_tokens, "prompts": args.prompts,
-            "threads": args.threads, "loadavg": loadavg() or [0.0]}
+    return {"rows": rows, "skipped": skipped, "verify_cost": verify, "new_tokens": args.new_tokens,
+            "prompts": args.prompts, "threads": args.threads, "loadavg": loadavg() or [0.0]}
 
 
-def bench_model(name: str, strategies: list[str], temperatures: list[float], args) -> tuple[list[dict], list[str]]:
+def bench_model(name: str, strategies: list[str], temperatures: list[float],
+                args) -> tuple[list[dict], list[str], dict | None]:
+    """The rows of one target, the strategies skipped, and its verification cost per tree size."""
     directory = resolve_model_path(name)
     target = nl.load(directory).eval()
     with open(os.path.join(directory, "prompts.json"), encoding="utf-8") as fh:
@@ -103,7 +109,18 @@ def bench_model(name: str, strategies: list[str], temperatures: list[float], arg
             for row, runner in runners.items():
                 measured[row].append(runner(prompt, args.new_tokens, temperature, seed=i))
         rows += summarise(name, temperature, measured)
-    return rows, skipped
+    verify = verify_cost(target, prompts[0], args.verify_sizes) if args.verify_sizes > 0 else None
+    return rows, skipped, verify
+
+
+def verify_cost(target, prompt: list[int], largest: int, depth: int = 5, repeats: int = 7) -> dict:
+    """Median ms of one target call on a draft tree of n tokens (n = 1: the autoregressive
+    step), for n on :func:`size_grid` up to ``largest``, after ``prompt`` on a scratch cache."""
+    from ..generation.speculative.drafters.dynamic_tree import measure_target_cost
+
+    with torch.no_grad():
+        cost = measure_target_cost(target, prompt, largest, depth, repeats)
+    return {"sizes": cost.sizes, "ms": [1000 * s for s in cost.seconds], "context": len(prompt)}
 
 
 def load_drafter_for(directory: str, strategy: str):
@@ -223,6 +240,12 @@ def format_table(results: dict) -> str:
         accept = " ".join(f"{p:.2f}" for p in r.get("accept_by_depth", [])[:6])
         lines.append(f"{r['model']:<18}{r['temperature']:>5.1f}  {r['row']:<24}{r['tokens_per_s']:>8.1f}"
                      f"{r['tau']:>6.2f}{speed:>9}{vs_hf:>7}{same:>6}{draft:>10}{target:>10}  {accept}")
+    for model, cost in results.get("verify_cost", {}).items():
+        if cost:
+            lines.append(f"{model}: ms per target call on an n-token tree (context {cost['context']}; "
+                         "x = / one-token step)")
+            lines.append("  " + "  ".join(f"{n}: {ms:.1f} ({ms / cost['ms'][0]:.1f}x)"
+                                         for n, ms in zip(cost["sizes"], cost["ms"])))
     for note in results["skipped"]:
         lines.append(f"skipped: {note}")
     return "\n".join(lines)
