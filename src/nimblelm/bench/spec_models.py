@@ -225,6 +225,11 @@ def summarise(model: str, temperature: float, measured: dict[str, list[dict]]) -
     return rows
 
 
+def _short(model: str) -> str:
+    """A model's table label: the directory's name when given as a path."""
+    return os.path.basename(os.path.normpath(model))
+
+
 def format_table(results: dict) -> str:
     lines = [f"{results['prompts']} held-out prompts x {results['new_tokens']} new tokens, batch 1, fp32, "
              f"{results['threads']} thread(s); load average {results['loadavg'][0]:.1f}",
@@ -238,11 +243,11 @@ def format_table(results: dict) -> str:
         draft = f"{r['draft_ms_per_round']:.1f}" if "draft_ms_per_round" in r else "-"
         target = f"{r['target_ms_per_round']:.1f}" if "target_ms_per_round" in r else "-"
         accept = " ".join(f"{p:.2f}" for p in r.get("accept_by_depth", [])[:6])
-        lines.append(f"{r['model']:<18}{r['temperature']:>5.1f}  {r['row']:<24}{r['tokens_per_s']:>8.1f}"
+        lines.append(f"{_short(r['model']):<18}{r['temperature']:>5.1f}  {r['row']:<24}{r['tokens_per_s']:>8.1f}"
                      f"{r['tau']:>6.2f}{speed:>9}{vs_hf:>7}{same:>6}{draft:>10}{target:>10}  {accept}")
     for model, cost in results.get("verify_cost", {}).items():
         if cost:
-            lines.append(f"{model}: ms per target call on an n-token tree (context {cost['context']}; "
+            lines.append(f"{_short(model)}: ms per target call on an n-token tree (context {cost['context']}; "
                          "x = / one-token step)")
             lines.append("  " + "  ".join(f"{n}: {ms:.1f} ({ms / cost['ms'][0]:.1f}x)"
                                          for n, ms in zip(cost["sizes"], cost["ms"])))
