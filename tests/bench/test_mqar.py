@@ -291,3 +291,16 @@ def test_mixer_option_values_and_errors():
         "feature_map": "identity", "expand": 2, "flag": True}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         mqar.parse_mixer_options(["feature_map"])
+
+
+def test_accuracy_grid_has_one_row_per_mixer_and_dashes_for_missing_settings():
+    def run(mixer, d, L, K, acc):
+        return dict(mixer=mixer, d_model=d, seq_len=L, num_kv_pairs=K, lr=3e-3, accuracy=acc, curve=[])
+
+    runs = [run("gla", 32, 64, 4, 0.5), run("attention", 32, 64, 4, 0.99), run("attention", 64, 64, 4, 0.995),
+            run("gla", 64, 128, 8, 0.25)]
+    lines = mqar.format_grid({"best": mqar.best_rows(runs)}).splitlines()
+    assert lines[0] == "| mixer | 64:4 d32 | 64:4 d64 | 128:8 d64 |"
+    assert lines[2] == "| attention | 99.0 | 99.5 | - |"  # attention first: the MIXERS order
+    assert lines[3] == "| gla | 50.0 | - | 25.0 |"
+    assert len(lines) == 4

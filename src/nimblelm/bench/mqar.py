@@ -328,8 +328,7 @@ def best_rows(runs: list[dict]) -> list[dict]:
             best[key] = r
     rows = [{**{k: v for k, v in r.items() if k != "curve"}, "mixer": mixer_label(r), "base_mixer": r["mixer"]}
             for r in best.values()]
-    order = {m: i for i, m in enumerate(MIXERS)}
-    return sorted(rows, key=lambda r: (r["seq_len"], r["num_kv_pairs"], r["d_model"], order.get(r["base_mixer"], 99),
+    return sorted(rows, key=lambda r: (r["seq_len"], r["num_kv_pairs"], r["d_model"], _mixer_order(r["base_mixer"]),
                                        r["mixer"]))
 
 
@@ -345,13 +344,36 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def format_grid(results: dict) -> str:
+    """Markdown accuracy matrix of the best runs: one row per mixer label, one column per
+    (seq_len, kv) task and d_model (tasks in the order first seen, widths ascending); a
+    setting with no run is "-". The full table (`format_table`) has the rest of each run."""
+    best = results["best"]
+    tasks = list(dict.fromkeys((r["seq_len"], r["num_kv_pairs"]) for r in best))
+    columns = [(t, d) for t in tasks for d in sorted({r["d_model"] for r in best if (r["seq_len"], r["num_kv_pairs"]) == t})]
+    labels = list(dict.fromkeys(r["mixer"] for r in sorted(best, key=lambda r: _mixer_order(r["base_mixer"]))))
+    cell = {(r["mixer"], (r["seq_len"], r["num_kv_pairs"]), r["d_model"]): r["accuracy"] for r in best}
+    lines = ["| mixer | " + " | ".join(f"{L}:{K} d{d}" for (L, K), d in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for m in labels:
+        accs = [cell.get((m, t, d)) for t, d in columns]
+        lines.append(f"| {m} | " + " | ".join("-" if a is None else f"{100 * a:.1f}" for a in accs) + " |")
+    return "\n".join(lines)
+
+
+def _mixer_order(mixer: str) -> int:
+    return MIXERS.index(mixer) if mixer in MIXERS else len(MIXERS)
+
+
 def write_outputs(results: dict, out: str) -> None:
-    """DIR/mqar.md and the PNG plots (when matplotlib is importable)."""
+    """DIR/mqar.md (the accuracy matrix, then the full table) and the PNG plots (when
+    matplotlib is importable)."""
     from . import plots
 
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "mqar.md"), "w", encoding="utf-8") as fh:
-        fh.write(format_table(results) + "\n")
+        fh.write("Test accuracy (%), best over learning rates; columns seq_len:kv d_model.\n\n")
+        fh.write(format_grid(results) + "\n\n" + format_table(results) + "\n")
     results["plots"] = plots.mqar_plots(results["best"], out)
 
 
