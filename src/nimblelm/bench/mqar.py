@@ -346,11 +346,10 @@ def format_table(results: dict) -> str:
 
 def format_grid(results: dict) -> str:
     """Markdown accuracy matrix of the best runs: one row per mixer label, one column per
-    (seq_len, kv) task and d_model (tasks in the order first seen, widths ascending); a
-    setting with no run is "-". The full table (`format_table`) has the rest of each run."""
+    (seq_len, kv) task and d_model, in `best_rows`' order (task, then d_model); a setting
+    with no run is "-". The full table (`format_table`) has the rest of each run."""
     best = results["best"]
-    tasks = list(dict.fromkeys((r["seq_len"], r["num_kv_pairs"]) for r in best))
-    columns = [(t, d) for t in tasks for d in sorted({r["d_model"] for r in best if (r["seq_len"], r["num_kv_pairs"]) == t})]
+    columns = list(dict.fromkeys(((r["seq_len"], r["num_kv_pairs"]), r["d_model"]) for r in best))
     labels = list(dict.fromkeys(r["mixer"] for r in sorted(best, key=lambda r: _mixer_order(r["base_mixer"]))))
     cell = {(r["mixer"], (r["seq_len"], r["num_kv_pairs"]), r["d_model"]): r["accuracy"] for r in best}
     lines = ["| mixer | " + " | ".join(f"{L}:{K} d{d}" for (L, K), d in columns) + " |",
